@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command of the README: set up .venv (idempotent), lint, run the test suite.
+# Extra arguments go to pytest, e.g. `bash launchers/run_tests.sh -m "not slow" -x`.
+set -Eeuo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+# shellcheck source=launchers/setup_venv.sh
+source "$REPO_ROOT/launchers/setup_venv.sh"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+echo "[tests] ruff check"
+ruff check .
+echo "[tests] pytest"
+python -m pytest "$@"
