@@ -1,0 +1,281 @@
+# shellcheck shell=bash
+# Shared logic of the launchers (SPEC §9): sourced by the 12 run_*_train.sh scripts and by run_eval.sh,
+# never executed on its own. Read top to bottom: settings tables, helpers, the training job.
+#
+# Conventions
+# - Every artefact is anchored at the repository root (SPEC §12 #6): the launchers `cd "$REPO_ROOT"` and run
+#   `python code/...` / `python eval/...`, so `outputs/`, `eval_results/` and `wandb/` land next to README.md no
+#   matter where the launcher is started from. Argument values are exactly SPEC's.
+# - DRY_RUN=1: stdout carries every command that would run, one per line and shell-quoted (a runnable script);
+#   nothing is executed or created. Progress and decisions go to stderr as "[pwopsd] ..." lines.
+# - Python environment (PWOPSD_PYTHON_ENV=auto, the default): the conda env `pwopsd` (environment.yml) when conda
+#   is on PATH and has it, else the venv at ${PWOPSD_VENV:-$REPO_ROOT/.venv}. The venv is activated, never created:
+#   launchers/setup_venv.sh builds the CPU-only test environment, which cannot run vLLM. PWOPSD_PYTHON_ENV=none
+#   uses the environment that is already active (containers, SLURM images).
+set -Eeuo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+trap 'echo "[pwopsd] error: \"${BASH_COMMAND}\" failed with exit $? (${BASH_SOURCE[0]}:${LINENO})" >&2' ERR
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings (SPEC §9.1). One row per run tag, one entry per method; a launcher only names a (run tag, method) pair.
+# ---------------------------------------------------------------------------------------------------------------
+PW_GLOBAL_BATCH=32 # prompts per optimizer step = processes × per-device batch × gradient accumulation (SPEC §4.1)
+declare -A PW_MODEL_ID=(
+  [qwen3_4b_base]=Qwen/Qwen3-4B
+  [dsr1_l8b]=deepseek-ai/DeepSeek-R1-Distill-Llama-8B
+  [olmo3_7b_think]=allenai/Olmo-3-7B-Think
+)
+declare -A PW_PER_DEVICE_BS=([qwen3_4b_base]=4 [dsr1_l8b]=2 [olmo3_7b_think]=2)
+declare -A PW_VLLM_MEM=([qwen3_4b_base]=0.4 [dsr1_l8b]=0.30 [olmo3_7b_think]=0.55)
+declare -A PW_METHOD_ARGS=(
+  [opsd]=""
+  [eopd]="" # its constants live in the loss code
+  [pwopsd]="--position_w_min 0.25 --position_tau 0.30 --position_s 0.10"
+  [reopold]="--reopold_lambda 0.1 --reopold_beta 0.2 --reopold_t_switch 50"
+)
+PW_RUN_TAGS="qwen3_4b_base dsr1_l8b olmo3_7b_think"
+PW_METHODS="opsd eopd pwopsd reopold"
+PW_SAVE_STEPS=25
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+pw_log() { echo "[pwopsd] $*" >&2; }
+pw_die() {
+  echo "[pwopsd] error: $*" >&2
+  exit 1
+}
+
+# DRY_RUN must be 0 or 1: a typo such as DRY_RUN=true must not start a 4-GPU job.
+pw_dry_run() {
+  case "${DRY_RUN:-0}" in
+    1) return 0 ;;
+    0 | "") return 1 ;;
+    *) pw_die "DRY_RUN=${DRY_RUN} is not valid: use DRY_RUN=1 to print the commands or DRY_RUN=0 to run them" ;;
+  esac
+}
+
+# Print a command as one shell-quoted line.
+pw_print_cmd() {
+  local out
+  printf -v out '%q ' "$@"
+  echo "${out% }"
+}
+
+# Run a command, or print it under DRY_RUN=1.
+pw_run() {
+  if pw_dry_run; then pw_print_cmd "$@"; else "$@"; fi
+}
+
+# Write a sentinel file containing the output of `date` (SPEC §9.1), or print that command under DRY_RUN=1.
+pw_write_sentinel() {
+  if pw_dry_run; then
+    echo "date > $(printf '%q' "$1")"
+  else
+    date >"$1"
+  fi
+}
+
+# The WandB guard (SPEC §9.1): runs first, before anything starts, in DRY_RUN mode too.
+pw_require_wandb() {
+  case "${WANDB_MODE:-}" in offline | disabled) return 0 ;; esac
+  [[ -n "${WANDB_API_KEY:-}" ]] && return 0
+  pw_die "WandB is not configured: set WANDB_API_KEY to log online, or WANDB_MODE=offline (sync later with \`wandb sync\`) or WANDB_MODE=disabled"
+}
+
+# Require a positive (or, with "nonneg", non-negative) decimal integer in variable $1.
+pw_require_int() {
+  local name=$1 value=$2 kind=${3:-positive}
+  if [[ ! "$value" =~ ^[0-9]+$ ]] || { [[ "$kind" == positive ]] && ((10#$value == 0)); }; then
+    pw_die "${name}=${value} is not a ${kind} integer"
+  fi
+}
+
+# Environment defaults of SPEC §9.1; a value already set by the user wins. Caches live under $HOME/.cache.
+pw_export_defaults() {
+  : "${WANDB_PROJECT:=pwopsd}" "${HF_HUB_OFFLINE:=0}" "${TRANSFORMERS_OFFLINE:=0}"
+  : "${HF_HOME:=$HOME/.cache/huggingface}"
+  : "${HF_DATASETS_CACHE:=$HF_HOME/datasets}"
+  : "${TRITON_CACHE_DIR:=$HOME/.cache/triton}" "${VLLM_CACHE_ROOT:=$HOME/.cache/vllm}"
+  : "${TORCHINDUCTOR_CACHE_DIR:=$HOME/.cache/torchinductor}"
+  : "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}" "${VLLM_ENFORCE_EAGER:=0}"
+  local var
+  for var in WANDB_PROJECT HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_HOME HF_DATASETS_CACHE TRITON_CACHE_DIR \
+    VLLM_CACHE_ROOT TORCHINDUCTOR_CACHE_DIR PYTORCH_CUDA_ALLOC_CONF VLLM_ENFORCE_EAGER; do
+    export "${var?}"
+    if pw_dry_run; then echo "export ${var}=$(printf '%q' "${!var}")"; fi
+  done
+}
+
+# Activate the Python environment (see the header). conda's activation scripts are not `set -u` clean.
+pw_activate_env() {
+  case "${PWOPSD_PYTHON_ENV:-auto}" in
+    none) return 0 ;;
+    auto) ;;
+    *) pw_die "PWOPSD_PYTHON_ENV=${PWOPSD_PYTHON_ENV} is not valid: use auto or none" ;;
+  esac
+  if command -v conda >/dev/null 2>&1; then
+    if pw_dry_run; then
+      echo "conda activate pwopsd"
+      return 0
+    fi
+    local hook
+    hook="$(conda shell.bash hook)"
+    set +u
+    eval "$hook"
+    if conda activate pwopsd; then
+      set -u
+      return 0
+    fi
+    set -u
+    pw_log "conda has no env 'pwopsd' (create it: conda env create -f environment.yml); trying the venv"
+  fi
+  local venv="${PWOPSD_VENV:-$REPO_ROOT/.venv}"
+  if [[ -f "$venv/bin/activate" ]]; then
+    if pw_dry_run; then
+      echo "source $(printf '%q' "$venv/bin/activate")"
+      return 0
+    fi
+    set +u
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+    set -u
+    return 0
+  fi
+  if pw_dry_run; then
+    pw_log "no Python environment found (conda env 'pwopsd' or $venv); the real run would stop here"
+    return 0
+  fi
+  pw_die "no Python environment: create the conda env 'pwopsd' (conda env create -f environment.yml), or point PWOPSD_VENV at a venv with vLLM, or set PWOPSD_PYTHON_ENV=none to use the active one"
+}
+
+# SPEC §9.1 "validates": config.json, >= 1 non-empty *.safetensors, a tokenizer file. Stricter in one way: when a
+# shard index exists, every shard it names must exist and be non-empty (a merge killed between shards fails).
+pw_merged_is_valid() {
+  local dir=$1 f shard found=0
+  [[ -f "$dir/config.json" ]] || return 1
+  for f in "$dir"/*.safetensors; do [[ -s "$f" ]] && found=1; done
+  ((found)) || return 1
+  [[ -f "$dir/tokenizer.json" || -f "$dir/tokenizer.model" || -f "$dir/tokenizer_config.json" ]] || return 1
+  if [[ -f "$dir/model.safetensors.index.json" ]]; then
+    while read -r shard; do
+      [[ -s "$dir/${shard//\"/}" ]] || return 1
+    done < <(grep -o '"[^"/]*\.safetensors"' "$dir/model.safetensors.index.json" | sort -u)
+  fi
+  return 0
+}
+
+# A PEFT adapter folder written by save_pretrained.
+pw_adapter_exists() {
+  [[ -f "$1/adapter_config.json" && -s "$1/adapter_model.safetensors" ]]
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training job: train → merge checkpoint-${EVAL_CHECKPOINT} → validate → sentinels (SPEC §9.1).
+# Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT; multi-node:
+# ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
+# ---------------------------------------------------------------------------------------------------------------
+pw_train_and_merge() {
+  local run_tag=$1 method=$2
+  pw_require_wandb
+  pw_dry_run || true # validates DRY_RUN before anything else
+  [[ -n "${PW_MODEL_ID[$run_tag]+x}" ]] || pw_die "unknown run tag '${run_tag}': expected one of ${PW_RUN_TAGS}"
+  [[ -n "${PW_METHOD_ARGS[$method]+x}" ]] || pw_die "unknown method '${method}': expected one of ${PW_METHODS}"
+
+  local name="${run_tag}_${method}"
+  local model="${MODEL:-${PW_MODEL_ID[$run_tag]}}"
+  local num_gpus="${NUM_GPUS:-4}" max_steps="${MAX_STEPS:-150}" eval_ckpt="${EVAL_CHECKPOINT:-100}"
+  local output_root="${OUTPUT_ROOT:-outputs}"
+  local accel_config="${ACCELERATE_CONFIG:-code/accelerate_4gpu.yaml}"
+  local num_machines="${NUM_MACHINES:-1}" machine_rank="${MACHINE_RANK:-0}"
+  pw_require_int NUM_GPUS "$num_gpus"
+  pw_require_int MAX_STEPS "$max_steps"
+  pw_require_int EVAL_CHECKPOINT "$eval_ckpt"
+  pw_require_int NUM_MACHINES "$num_machines"
+  pw_require_int MACHINE_RANK "$machine_rank" nonneg
+  ((eval_ckpt <= max_steps)) || pw_die "EVAL_CHECKPOINT=${eval_ckpt} is beyond MAX_STEPS=${max_steps}: no such checkpoint will exist"
+  ((eval_ckpt % PW_SAVE_STEPS == 0 || eval_ckpt == max_steps)) ||
+    pw_die "EVAL_CHECKPOINT=${eval_ckpt} is not saved: checkpoints are every ${PW_SAVE_STEPS} steps and at MAX_STEPS"
+  ((machine_rank < num_machines)) || pw_die "MACHINE_RANK=${machine_rank} must be below NUM_MACHINES=${num_machines}"
+
+  # Batch split: keep 32 prompts per step on any GPU count; the per-device batch only shrinks when
+  # NUM_GPUS × per-device batch alone would exceed 32.
+  local per_device="${PW_PER_DEVICE_BS[$run_tag]}" grad_accum
+  ((PW_GLOBAL_BATCH % num_gpus == 0)) ||
+    pw_die "NUM_GPUS=${num_gpus} cannot split ${PW_GLOBAL_BATCH} prompts per step evenly: use 1, 2, 4, 8, 16 or 32"
+  ((per_device * num_gpus <= PW_GLOBAL_BATCH)) || per_device=$((PW_GLOBAL_BATCH / num_gpus))
+  grad_accum=$((PW_GLOBAL_BATCH / (num_gpus * per_device)))
+
+  local port="${MAIN_PROCESS_PORT:-}"
+  if [[ -z "$port" ]]; then
+    # Every node of a multi-node job must agree on the port, so a random one is single-node only.
+    if ((num_machines > 1)); then port=29500; else port=$((29500 + RANDOM % 200)); fi
+  fi
+  pw_require_int MAIN_PROCESS_PORT "$port"
+  local accel_args=(--config_file "$accel_config" --num_processes "$num_gpus")
+  if ((num_machines > 1)); then
+    [[ -n "${MAIN_PROCESS_IP:-}" ]] || pw_die "NUM_MACHINES=${num_machines} needs MAIN_PROCESS_IP (the address of machine rank 0)"
+    accel_args+=(--num_machines "$num_machines" --machine_rank "$machine_rank" --main_process_ip "$MAIN_PROCESS_IP")
+  fi
+  accel_args+=(--gradient_accumulation_steps "$grad_accum" --main_process_port "$port")
+
+  pw_log "${name}: ${model}, ${num_gpus} GPU(s) × ${per_device} per device × GA ${grad_accum} = ${PW_GLOBAL_BATCH} prompts/step, ${max_steps} steps, merge checkpoint-${eval_ckpt}"
+  if pw_dry_run; then pw_print_cmd cd "$REPO_ROOT"; fi
+  cd "$REPO_ROOT"
+  pw_export_defaults
+  pw_activate_env
+
+  local method_args=()
+  read -r -a method_args <<<"${PW_METHOD_ARGS[$method]}"
+  local output_dir="${output_root}/${name}" merged="${output_root}/${name}_merged"
+  local ckpt="${output_dir}/checkpoint-${eval_ckpt}"
+  local train_args=(
+    --model_name_or_path "$model" --method "$method"
+    --per_device_train_batch_size "$per_device" --gradient_accumulation_steps "$grad_accum"
+    --learning_rate 5e-6 --max_grad_norm 0.1
+    --gradient_checkpointing --num_train_epochs 30 --max_steps "$max_steps" --save_steps "$PW_SAVE_STEPS" --logging_steps 2
+    --max_completion_length 1024 --max_length 20000
+    --attn_implementation sdpa --torch_dtype bfloat16
+    --beta 0
+    --use_vllm --vllm_mode colocate --vllm_tensor_parallel_size 1 --vllm_gpu_memory_utilization "${PW_VLLM_MEM[$run_tag]}"
+    --use_peft --lora_r 64 --lora_alpha 128 --lora_target_modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    --temperature 1.1 --top_p 0.95 --top_k 20 --lmbda 1
+    --fixed_teacher --jsd_token_clip 0.05
+    "${method_args[@]}"
+    --wandb_project "$WANDB_PROJECT" --output_dir "$output_dir" --run_config "$name"
+  )
+
+  # Skip logic: a valid merged folder means training and merge are done; an invalid one is deleted.
+  if [[ -d "$merged" ]]; then
+    if pw_merged_is_valid "$merged"; then
+      pw_log "skip: ${merged} is a valid merged model; only the sentinels are rewritten (delete it to redo the run)"
+      pw_write_sentinel "${merged}/.complete"
+      pw_write_sentinel "${output_root}/.${name}_ready_for_eval"
+      return 0
+    fi
+    pw_log "${merged} exists but is not a valid merged model: deleting it"
+    pw_run rm -rf -- "$merged"
+  fi
+
+  # A finished training run (final adapter + the evaluated checkpoint) is not repeated: only the merge is redone.
+  if pw_adapter_exists "$output_dir" && pw_adapter_exists "$ckpt"; then
+    pw_log "skip training: ${output_dir} holds the final adapter and checkpoint-${eval_ckpt} (delete it to retrain)"
+  else
+    pw_dry_run || mkdir -p "$output_root"
+    pw_run accelerate launch "${accel_args[@]}" code/ea_opsd_train.py "${train_args[@]}"
+  fi
+
+  if ((machine_rank != 0)); then
+    pw_log "machine rank ${machine_rank}: training done; machine rank 0 merges and writes the sentinels"
+    return 0
+  fi
+  pw_dry_run || pw_adapter_exists "$ckpt" || pw_die "${ckpt} has no adapter (adapter_config.json + adapter_model.safetensors): training did not save step ${eval_ckpt}"
+  pw_run python code/merge_lora.py "$model" "$ckpt" "$merged"
+  if ! pw_dry_run; then
+    pw_merged_is_valid "$merged" || pw_die "${merged} is not a valid merged model after the merge (needs config.json, non-empty *.safetensors, a tokenizer file)"
+  fi
+  pw_write_sentinel "${merged}/.complete"
+  pw_write_sentinel "${output_root}/.${name}_ready_for_eval"
+  if pw_dry_run; then pw_log "dry run: nothing was run"; else pw_log "${name}: ready for eval (${merged})"; fi
+}
