@@ -63,9 +63,16 @@ pw_print_cmd() {
   echo "${out% }"
 }
 
-# Run a command, or print it under DRY_RUN=1.
+# Run a command (echoed to stderr first), or only print it under DRY_RUN=1.
 pw_run() {
-  if pw_dry_run; then pw_print_cmd "$@"; else "$@"; fi
+  if pw_dry_run; then
+    pw_print_cmd "$@"
+    return 0
+  fi
+  pw_log "\$ $(pw_print_cmd "$@")"
+  local rc=0
+  "$@" || rc=$?
+  ((rc == 0)) || pw_die "exit ${rc} from: $(pw_print_cmd "$@")"
 }
 
 # Write a sentinel file containing the output of `date` (SPEC §9.1), or print that command under DRY_RUN=1.
@@ -262,7 +269,11 @@ pw_train_and_merge() {
   if pw_adapter_exists "$output_dir" && pw_adapter_exists "$ckpt"; then
     pw_log "skip training: ${output_dir} holds the final adapter and checkpoint-${eval_ckpt} (delete it to retrain)"
   else
-    pw_dry_run || mkdir -p "$output_root"
+    if ! pw_dry_run; then
+      command -v accelerate >/dev/null || pw_die "accelerate is not on PATH: activate the conda env 'pwopsd' (environment.yml) or set PWOPSD_VENV"
+      [[ -f "$accel_config" ]] || pw_die "accelerate config ${accel_config} not found (ACCELERATE_CONFIG is relative to ${REPO_ROOT})"
+      mkdir -p "$output_root"
+    fi
     pw_run accelerate launch "${accel_args[@]}" code/ea_opsd_train.py "${train_args[@]}"
   fi
 

@@ -13,7 +13,8 @@
 # Output: eval_results/{NAME}[_{DATASET}]_38k[_seed{S}].json (no dataset part for math500);
 # log: eval_results/logs/{NAME}_{DATASET}_38k[_seed{S}].{HOSTLABEL}.log (HOSTLABEL defaults to "worker").
 # Environment: DRY_RUN=1 prints the commands and the output path and skips the checks that need training outputs;
-# OUTPUT_ROOT (default outputs) is where the merged models are; HOSTLABEL; WandB guard and Python env as in common.sh.
+# OUTPUT_ROOT (default outputs) is where the merged models are; EVAL_RESULTS_DIR (default eval_results) is where the
+# results and logs go; HOSTLABEL; the WandB guard and the Python environment as in common.sh.
 # shellcheck source=launchers/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -41,13 +42,13 @@ pw_eval_main() {
   pw_dry_run || true # validates DRY_RUN
 
   local merged="${OUTPUT_ROOT:-outputs}/${name}_merged"
-  local suffix="_38k${seed:+_seed${seed}}" outfile
+  local results="${EVAL_RESULTS_DIR:-eval_results}" suffix="_38k${seed:+_seed${seed}}" outfile
   if [[ "$dataset" == math500 ]]; then
-    outfile="eval_results/${name}${suffix}.json"
+    outfile="${results}/${name}${suffix}.json"
   else
-    outfile="eval_results/${name}_${dataset}${suffix}.json"
+    outfile="${results}/${name}_${dataset}${suffix}.json"
   fi
-  local log="eval_results/logs/${name}_${dataset}${suffix}.${hostlabel}.log"
+  local log="${results}/logs/${name}_${dataset}${suffix}.${hostlabel}.log"
   local tmp="${outfile}.tmp.${hostlabel}.$$"
   local seed_args=()
   [[ -z "$seed" ]] || seed_args=(--seed "$seed")
@@ -82,7 +83,7 @@ pw_eval_main() {
     return 0
   fi
 
-  mkdir -p eval_results/logs
+  mkdir -p "${results}/logs"
   local lock_fd
   exec {lock_fd}>"${outfile}.lock"
   if ! flock -n "$lock_fd"; then
@@ -108,7 +109,7 @@ pw_eval_main() {
   local rc=0
   NCCL_P2P_DISABLE=1 PYTHONUNBUFFERED=1 "${eval_cmd[@]}" {lock_fd}>&- 2>&1 | tee -a "$log" || rc=$?
   ((rc == 0)) || pw_die "the evaluator failed with exit ${rc}; see ${log}"
-  if ! "${validate_cmd[@]}" 2>&1 | tee -a "$log"; then
+  if ! "${validate_cmd[@]}" 2>&1 | tee -a "$log" >&2; then
     pw_die "${tmp} failed validation (reasons above and in ${log}); kept as ${tmp}.invalid"
   fi
   mv -f -- "$tmp" "$outfile"
