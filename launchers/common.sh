@@ -180,8 +180,8 @@ pw_adapter_exists() {
 
 # ---------------------------------------------------------------------------------------------------------------
 # The training job: train → merge checkpoint-${EVAL_CHECKPOINT} → validate → sentinels (SPEC §9.1).
-# Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT; multi-node:
-# ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
+# Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT, RESUME;
+# multi-node: ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
 # ---------------------------------------------------------------------------------------------------------------
 pw_train_and_merge() {
   local run_tag=$1 method=$2
@@ -204,6 +204,8 @@ pw_train_and_merge() {
   ((eval_ckpt <= max_steps)) || pw_die "EVAL_CHECKPOINT=${eval_ckpt} is beyond MAX_STEPS=${max_steps}: no such checkpoint will exist"
   ((eval_ckpt % PW_SAVE_STEPS == 0 || eval_ckpt == max_steps)) ||
     pw_die "EVAL_CHECKPOINT=${eval_ckpt} is not saved: checkpoints are every ${PW_SAVE_STEPS} steps and at MAX_STEPS"
+  local resume="${RESUME:-1}"
+  [[ "$resume" == 0 || "$resume" == 1 ]] || pw_die "RESUME=${resume} is not valid: use 1 (resume an interrupted run, the default) or 0 (start over)"
   ((machine_rank < num_machines)) || pw_die "MACHINE_RANK=${machine_rank} must be below NUM_MACHINES=${num_machines}"
 
   # Batch split: keep 32 prompts per step on any GPU count; the per-device batch only shrinks when
@@ -273,6 +275,11 @@ pw_train_and_merge() {
       command -v accelerate >/dev/null || pw_die "accelerate is not on PATH: activate the conda env 'pwopsd' (environment.yml) or set PWOPSD_VENV"
       [[ -f "$accel_config" ]] || pw_die "accelerate config ${accel_config} not found (ACCELERATE_CONFIG is relative to ${REPO_ROOT})"
       mkdir -p "$output_root"
+    fi
+    # An interrupted run resumes from its last checkpoint (optimizer, scheduler and RNG state) unless RESUME=0.
+    if compgen -G "${output_dir}/checkpoint-*" >/dev/null && [[ "$resume" == 1 ]]; then
+      pw_log "resuming from the last checkpoint in ${output_dir} (RESUME=0 starts over)"
+      train_args+=(--resume_from_checkpoint last)
     fi
     pw_run accelerate launch "${accel_args[@]}" code/ea_opsd_train.py "${train_args[@]}"
   fi

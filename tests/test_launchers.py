@@ -398,6 +398,74 @@ def test_invalid_merged_folder_is_deleted_and_rebuilt(sandbox, breakage):
     assert proc.stderr.strip().splitlines()[-1].startswith("[pwopsd] error: accelerate is not on PATH")
 
 
+def write_adapter(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+
+
+def test_interrupted_run_resumes_and_finished_run_only_merges(sandbox):
+    out_root = sandbox["tmp"] / "runs"
+    run_dir = out_root / "dsr1_l8b_pwopsd"
+    write_adapter(run_dir / "checkpoint-50")  # interrupted after step 50
+    env = {"WANDB_MODE": "offline", "DRY_RUN": "1", "OUTPUT_ROOT": str(out_root)}
+    lines = stdout_lines(run(sandbox, "run_dsr1_l8b_pwopsd_train.sh", **env))
+    _, script = split_train_command(find_line(lines, "accelerate launch"))
+    assert script.pop("--resume_from_checkpoint") == ["last"]
+    assert script == expected_train_args("dsr1_l8b", "pwopsd", output_root=str(out_root))
+    _, script = split_train_command(
+        find_line(stdout_lines(run(sandbox, "run_dsr1_l8b_pwopsd_train.sh", RESUME="0", **env)), "accelerate")
+    )
+    assert "--resume_from_checkpoint" not in script
+    proc = run(sandbox, "run_dsr1_l8b_pwopsd_train.sh", RESUME="yes", **env)
+    assert proc.returncode == 1 and "RESUME=yes is not valid" in proc.stderr
+
+    # Finished (final adapter + checkpoint-100): no training, only the merge and the sentinels.
+    write_adapter(run_dir / "checkpoint-100")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run_dir / "checkpoint-100" / f, run_dir / f)
+    proc = run(sandbox, "run_dsr1_l8b_pwopsd_train.sh", **env)
+    lines = stdout_lines(proc)
+    assert not any(line.startswith("accelerate") for line in lines) and "skip training" in proc.stderr
+    assert find_line(lines, "python code/merge_lora.py")[3] == f"{run_dir}/checkpoint-100"
+
+
+def test_launcher_arguments_parse_with_the_real_trainer_cli(sandbox):
+    """Every launcher's training arguments go through ea_opsd_train.py's own parser and land in the right fields."""
+    import ea_opsd_train
+
+    for prefix, method in LAUNCHER_CASES:
+        lines = stdout_lines(run(sandbox, f"run_{prefix}_{method}_train.sh", WANDB_MODE="offline", DRY_RUN="1"))
+        tokens = find_line(lines, "accelerate launch")
+        args = tokens[tokens.index("code/ea_opsd_train.py") + 1 :]
+        script_args, train, model = ea_opsd_train._parser().parse_args_and_config(args)
+        run_tag, model_id, per_device, grad_accum, vllm_mem = MODELS[prefix]
+        assert (model.model_name_or_path, train.method, train.run_config) == (model_id, method, f"{run_tag}_{method}")
+        assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (
+            int(per_device),
+            int(grad_accum),
+        )
+        assert train.vllm_gpu_memory_utilization == float(vllm_mem) and train.vllm_mode == "colocate" and train.use_vllm
+        assert (train.learning_rate, train.max_grad_norm, train.max_steps, train.save_steps) == (5e-6, 0.1, 150, 25)
+        assert (train.temperature, train.top_p, train.top_k, train.lmbda, train.beta) == (1.1, 0.95, 20, 1.0, 0.0)
+        assert (train.max_completion_length, train.max_length, train.jsd_token_clip) == (1024, 20000, 0.05)
+        assert train.fixed_teacher and train.gradient_checkpointing and model.use_peft
+        assert (model.lora_r, model.lora_alpha, script_args.torch_dtype) == (64, 128, "bfloat16")
+        assert model.lora_target_modules == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        if method == "pwopsd":
+            assert (train.position_w_min, train.position_tau, train.position_s) == (0.25, 0.30, 0.10)
+        if method == "reopold":
+            assert (train.reopold_lambda, train.reopold_beta, train.reopold_t_switch) == (0.1, 0.2, 50)
+
+
 FAKE_ACCELERATE = r"""#!/usr/bin/env bash
 # Fake `accelerate` (DeepSpeed + vLLM cannot run here): records its arguments and saves a real LoRA adapter for the
 # model it was given at checkpoint-100 and at the end of training, as the trainer would.
