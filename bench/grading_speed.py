@@ -1,0 +1,191 @@
+"""Grading + Maj@N clustering speed: pwopsd's MathGrader vs a reference-style implementation, in the same run.
+
+`python bench/grading_speed.py [--quick] [--samples 12] [--seed 0] [--workers W]`
+
+The set: every MATH-500 gold (the first 100 with --quick) with `--samples` generations each, drawn with a fixed seed
+from equivalent rewrites of the gold, wrong answers and outputs without a box. Both sides extract the last box, grade
+every sample against the gold and take the clustered majority vote (SPEC §7.5–7.7):
+
+* baseline: serial, in the main thread, one `parse` + `parse` + `verify(..., timeout_seconds=5)` per comparison,
+  exactly as the reference's `grade_answer` (SPEC §7.6) and clustering loop (SPEC §7.7); no cache of its own.
+* ours: `math_grader.MathGrader` (worker pool with a hard per-call limit, cache by (prediction, gold), problems in
+  parallel); its start-up is included in the time.
+
+Last line: one JSON object {"baseline_s", "ours_s", "speedup", "identical", ...}; `identical` means the same
+per-problem correct counts and majority outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "eval"))
+
+from math_grader import MathGrader, default_num_workers, extract_boxed_answer  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reference-style implementation (SPEC §7.6–7.7), written independently of math_grader.
+
+
+def reference_grade_answer(pred: str | None, gt: str) -> bool:
+    from math_verify import parse, verify
+
+    if pred is None:
+        return False
+    pred, gt = str(pred), str(gt)
+    try:
+        pred_w = pred if "$" in pred else f"${pred}$"
+        gt_w = gt if "$" in gt else f"${gt}$"
+        gold = parse(gt_w, fallback_mode="no_fallback")
+        answer = parse(pred_w, fallback_mode="no_fallback")
+        return verify(gold, answer, timeout_seconds=5)
+    except Exception:
+        return pred.replace("$", "").replace(" ", "").lower() == gt.replace("$", "").replace(" ", "").lower()
+
+
+def reference_problem(generations: list[str], gt: str) -> tuple[int, bool]:
+    """(number correct, majority correct) for one problem, the reference way."""
+    preds = [extract_boxed_answer(g) for g in generations]
+    num_correct = sum(reference_grade_answer(p, gt) for p in preds)
+    clusters: list[tuple[str, list[str | None]]] = []  # (rep or "INVALID", members), creation order
+    invalid_index = None
+    for p in preds:
+        if p is None:
+            if invalid_index is None:
+                invalid_index = len(clusters)
+                clusters.append(("INVALID", []))
+            clusters[invalid_index][1].append(p)
+            continue
+        placed = False
+        for idx, (rep, members) in enumerate(clusters):
+            if idx == invalid_index:
+                continue
+            if reference_grade_answer(p, rep) or reference_grade_answer(rep, p):
+                members.append(p)
+                placed = True
+                break
+        if not placed:
+            clusters.append((p, [p]))
+    ranked = sorted(range(len(clusters)), key=lambda i: len(clusters[i][1]), reverse=True)
+    top = ranked[0]
+    majority = top != invalid_index and reference_grade_answer(clusters[top][0], gt)
+    return num_correct, bool(majority)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The synthetic set
+
+
+def equivalent_rewrites(gold: str) -> list[str]:
+    """Forms a model may write for the same answer (some are not equivalent under the grader: that is realistic)."""
+    forms = {gold, gold.replace("\\dfrac", "\\frac"), re.sub(r"\s+", "", gold), re.sub(r",\s*", ", ", gold)}
+    if re.fullmatch(r"-?\d+", gold):
+        forms |= {f"{gold}.0", f"x = {gold}", f"{gold}\\text{{ units}}"}
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(\d+)\}", gold)
+    if m:
+        num, den = int(m.group(1)), int(m.group(2))
+        forms |= {f"{num}/{den}", f"\\dfrac{{{num}}}{{{den}}}", f"{num / den:.6f}"}
+    return sorted(forms)
+
+
+def build_set(golds: list[str], samples: int, seed: int) -> list[list[str]]:
+    """`samples` generations per gold, drawn with a fixed seed.
+
+    Real samples concentrate on few distinct answers, so per problem: an accuracy p ~ Beta(4, 1.5) (mean 0.73) and
+    two wrong answers (golds of other problems, the first one gold ± 1 for half of the integer golds) drawn with
+    weights 0.7 / 0.3. Per sample: no box with probability 0.08 (no `\\boxed`, a bare `\\boxed 5`, or an unbalanced
+    `\\boxed{1`); else right with probability p (the gold as written 70 %, else one of `equivalent_rewrites`);
+    else one of the wrong answers.
+    """
+    rng = random.Random(seed)
+    generations = []
+    for i, gold in enumerate(golds):
+        accuracy = rng.betavariate(4, 1.5)
+        rewrites = equivalent_rewrites(gold)
+        wrong = rng.sample(golds[:i] + golds[i + 1 :], 2)
+        if re.fullmatch(r"-?\d+", gold) and rng.random() < 0.5:
+            wrong[0] = str(int(gold) + rng.choice([-2, -1, 1, 2]))
+        gens = []
+        for _ in range(samples):
+            if rng.random() < 0.08:
+                gens.append("I ran out of tokens before the end" + rng.choice(["", " \\boxed 5", " so \\boxed{1"]))
+            elif rng.random() < accuracy:
+                answer = gold if rng.random() < 0.7 else rng.choice(rewrites)
+                gens.append(f"Thinking... so the answer is \\boxed{{{answer}}}.")
+            else:
+                answer = wrong[0] if rng.random() < 0.7 else wrong[1]
+                gens.append(f"Let me compute. Hence \\boxed{{{answer}}}")
+        generations.append(gens)
+    return generations
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100 problems instead of 500")
+    parser.add_argument("--samples", type=int, default=12, help="generations per problem (N)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="grading workers (default: usable cores, max 8)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+    rows = [json.loads(line) for line in (REPO_ROOT / "data" / "math500.jsonl").open(encoding="utf-8")]
+    golds = [str(r["answer"]) for r in rows][: 100 if args.quick else None]
+    generations = build_set(golds, args.samples, args.seed)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    baseline = [reference_problem(gens, gt) for gens, gt in zip(generations, golds)]
+    baseline_s, baseline_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+
+    start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+    workers = args.workers or default_num_workers()
+    with MathGrader("reference", num_workers=workers) as grader:
+        problems = []
+        for gens, gt in zip(generations, golds):
+            preds = [extract_boxed_answer(g) for g in gens]
+            problems.append((preds, [p is not None for p in preds], gt))
+        graded = grader.grade_problems(problems, progress=False)
+        timeouts = grader.timeouts
+    ours_s = time.perf_counter() - start
+    ours_cpu_s = time.process_time() - cpu + _children_cpu() - children
+    ours = [(sum(g.correct), g.majority.correct) for g in graded]
+
+    mismatches = [i for i, (a, b) in enumerate(zip(baseline, ours)) if a != b]
+    for i in mismatches[:5]:
+        logging.warning("problem %d differs: baseline %s, ours %s, gold %r", i, baseline[i], ours[i], golds[i])
+    result = {
+        "bench": "grading_speed",
+        "problems": len(golds),
+        "samples": args.samples,
+        "workers": workers,
+        "baseline_s": round(baseline_s, 3),
+        "ours_s": round(ours_s, 3),
+        "speedup": round(baseline_s / ours_s, 2),
+        "identical": not mismatches,
+        "baseline_cpu_s": round(baseline_cpu_s, 3),
+        "ours_cpu_s": round(ours_cpu_s, 3),
+        "mismatches": len(mismatches),
+        "timeouts": timeouts,
+        "avg_at_n_pct": round(100 * sum(c for c, _ in ours) / (len(golds) * args.samples), 2),
+        "maj_at_n_pct": round(100 * sum(m for _, m in ours) / len(golds), 2),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""Answer extraction, math-equivalence grading and the clustered majority vote (SPEC §7.5–7.7, §11.1).
+
+Parser / grader split, as in Math-Verify:
+
+* `extract_boxed_answer(text)`: the last `\\boxed{...}` of a generation (SPEC §7.5).
+* `grade_answer(prediction, gold)`: the reference rule (SPEC §7.6), in-process and without a time limit.
+* `majority_vote(...)`: the clustered Maj@N with an INVALID cluster (SPEC §7.7); the one implementation used by
+  `evaluate_math.py` and `recompute_majn.py`. It takes the grading function as an argument.
+* `MathGrader`: what the tools use. It caches results by `(prediction, gold)`, grades problems in parallel, and runs
+  every comparison in a pool of worker processes with a hard per-call time limit. Math-Verify's own limits use
+  SIGALRM, which fails outside the main thread and cannot interrupt sympy inside C code; the workers run with those
+  limits off, and a call that exceeds the limit has its worker killed and counts as "not equivalent" (never INVALID).
+
+Graders (`--grader`):
+
+* `reference` (default): SPEC §7.6 exactly, so numbers stay comparable with the paper.
+* `strict` (opt-in) fixes plain parse bugs of the reference rule before comparing (SPEC §11.1):
+  `\\mathrm{e}` / `\\operatorname{e}` → `e` (the reference parses `1-\\frac{1}{\\mathrm{e}}` as 1),
+  `\\sqrt(x)` → `\\sqrt{x}` (the reference parses `4\\sqrt(2)` as 4), `\\$` removed (the reference can never parse a
+  dollar amount such as MATH-500's gold `\\$18.90`), and an exact comparison when both sides are exact rational numbers
+  (the reference's rounding makes `2^{-99}` equal `2^{-98}` and `1/2004!` equal `1/2006!`).
+  Rounded decimals (`0.001736111` vs `\\frac{1}{576}`), percent = fraction, units and degrees stay accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import product
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+NO_BOXED_ANSWER = "[No boxed answer found]"
+GRADERS = ("reference", "strict")
+DEFAULT_TIMEOUT_S = 5.0
+_WORKER_START_TIMEOUT_S = 120.0
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Extraction (SPEC §7.5)
+
+
+def extract_boxed_answer(text: str | None) -> str | None:
+    """Inner text of the last `\\boxed{...}` in `text`, trimmed; None if there is none.
+
+    Finds the last `\\boxed` anywhere (thinking trace included), scans forward counting braces to the `}` that closes
+    the first `{`, and accepts the span only if it starts with `\\boxed{`. So `\\boxed 5` and an unbalanced
+    `\\boxed{5` give None, and an empty `\\boxed{}` gives `""` (which counts as formatted).
+    """
+    if not text:
+        return None
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    depth = 0
+    end = None
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+    if end is None:
+        return None
+    span = text[start : end + 1]
+    prefix = "\\boxed{"
+    if not span.startswith(prefix):
+        return None
+    return span[len(prefix) : -1].strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grading rule (SPEC §7.6, §11.1)
+
+# `strict` rewrites: (pattern, replacement), applied in order to both sides before the `$` wrapping.
+STRICT_REWRITES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\\(?:mathrm|operatorname)\s*\{\s*e\s*\}"), "e"),  # Euler's number written upright
+    (re.compile(r"\\sqrt\s*\(([^()]*)\)"), r"\\sqrt{\1}"),  # \sqrt(2) -> \sqrt{2}
+    (re.compile(r"\\\$"), ""),  # a currency sign is not a math delimiter
+)
+
+
+def normalize_strict(text: str) -> str:
+    """The `strict` grader's rewrites of an answer string (see `STRICT_REWRITES`)."""
+    for pattern, replacement in STRICT_REWRITES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _dollar_wrap(text: str) -> str:
+    """Wrap in `$…$` unless the text already contains a `$` (SPEC §7.6 step 2)."""
+    return text if "$" in text else f"${text}$"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(wrapped: str) -> tuple[Any, ...]:
+    """`math_verify.parse(..., fallback_mode="no_fallback")` with its signal time limit off (cached: deterministic)."""
+    from math_verify import parse
+
+    return tuple(parse(wrapped, fallback_mode="no_fallback", parsing_timeout=None))
+
+
+def _exact_rational_mismatch(gold: Any, pred: Any) -> bool:
+    """True when both sides are exact rational numbers (no floats, no symbols) whose exact values differ."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return False
+    if not (gold.is_number and pred.is_number) or gold.has(sympy.Float) or pred.has(sympy.Float):
+        return False
+    gold_value, pred_value = gold.doit(), pred.doit()
+    return bool(gold_value.is_Rational and pred_value.is_Rational and gold_value != pred_value)
+
+
+def grade_answer(prediction: str | None, gold: str, grader: str = "reference") -> bool:
+    """Whether `prediction` is mathematically equivalent to `gold` (SPEC §7.6); no time limit, see `MathGrader`.
+
+    reference: None → False; `str()` both; wrap each in `$…$` if it has no `$`; `parse(…, fallback_mode="no_fallback")`
+    each; `verify(gold, prediction)` (gold first: verify is not symmetric). On an exception: compare the strings with
+    `$` and spaces removed, lowercased. strict: `normalize_strict` both first, and an exact rational check on top.
+    """
+    from math_verify import verify
+
+    if prediction is None:
+        return False
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    pred_text, gold_text = str(prediction), str(gold)
+    try:
+        if grader == "strict":
+            pred_text, gold_text = normalize_strict(pred_text), normalize_strict(gold_text)
+        gold_parsed = _parse(_dollar_wrap(gold_text))
+        pred_parsed = _parse(_dollar_wrap(pred_text))
+        if grader == "reference":
+            return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
+        return any(
+            verify(g, p, timeout_seconds=None) and not _exact_rational_mismatch(g, p)
+            for g, p in product(gold_parsed, pred_parsed)
+        )
+    except Exception:
+
+        def squash(s: str) -> str:
+            return s.replace("$", "").replace(" ", "").lower()
+
+        return squash(pred_text) == squash(gold_text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clustering and the majority vote (SPEC §7.7)
+
+GradeFn = Callable[[str | None, str], bool]
+
+
+@dataclass(frozen=True)
+class MajorityVote:
+    """Outcome of the clustered vote of one problem.
+
+    `clusters` lists the sample indices of each cluster in creation order (INVALID included, at the position where its
+    first member appeared); `invalid_cluster` is INVALID's index in it (None if every sample is formatted); `winner`
+    is the index of the largest cluster, the earliest created on a tie (None without samples).
+    """
+
+    correct: bool
+    clusters: tuple[tuple[int, ...], ...]
+    invalid_cluster: int | None
+    winner: int | None
+
+
+def majority_vote(predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn) -> MajorityVote:
+    """Clustered Maj@N with an INVALID cluster (SPEC §7.7).
+
+    In generation order: an unformatted sample joins the single INVALID cluster; a formatted sample joins the first
+    non-INVALID cluster whose representative r (first member) satisfies `grade(pred, r) or grade(r, pred)`, else it
+    starts a new cluster. Clusters are sorted by size, descending, with a stable sort (ties → earliest created).
+    If INVALID wins the problem is wrong; otherwise correct = `grade(winner_rep, gold)`.
+    """
+    if len(predictions) != len(formatted):
+        raise ValueError(f"{len(predictions)} predictions but {len(formatted)} formatted flags")
+    clusters: list[list[int]] = []
+    invalid: int | None = None
+    for i, (pred, ok) in enumerate(zip(predictions, formatted)):
+        if not ok:
+            if invalid is None:
+                invalid = len(clusters)
+                clusters.append([])
+            clusters[invalid].append(i)
+            continue
+        for c, members in enumerate(clusters):
+            if c == invalid:
+                continue
+            rep = predictions[members[0]]
+            if grade(pred, rep) or grade(rep, pred):
+                members.append(i)
+                break
+        else:
+            clusters.append([i])
+    frozen = tuple(tuple(members) for members in clusters)
+    if not clusters:
+        return MajorityVote(correct=False, clusters=frozen, invalid_cluster=None, winner=None)
+    winner = sorted(range(len(clusters)), key=lambda c: -len(clusters[c]))[0]  # sorted() is stable
+    correct = winner != invalid and grade(predictions[clusters[winner][0]], gold)
+    return MajorityVote(correct=bool(correct), clusters=frozen, invalid_cluster=invalid, winner=winner)
+
+
+@dataclass(frozen=True)
+class ProblemGrade:
+    """Per-sample correctness (`grade(pred, gold)` for formatted samples, False otherwise) and the majority vote."""
+
+    correct: tuple[bool, ...]
+    majority: MajorityVote
+
+
+def grade_problem(predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn) -> ProblemGrade:
+    """Grade every sample of one problem against `gold`, then take the clustered majority vote."""
+    correct = tuple(bool(ok and grade(pred, gold)) for pred, ok in zip(predictions, formatted))
+    return ProblemGrade(correct=correct, majority=majority_vote(predictions, formatted, gold, grade))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Worker processes with a hard per-call time limit
+#
+# Protocol (one line per message). Parent -> worker: a JSON job, either {"problem": [predictions, formatted, gold],
+# "known": [[pred, gold, verdict], ...]} or {"pair": [pred, gold], "known": [...]}. Worker -> parent: "R" once ready,
+# "S <json [pred, gold]>" right before each comparison it computes (the parent times it from there), "D <json result>"
+# when the job is done (result holds the outcome and the verdicts it computed, for the parent's cache).
+
+
+def _serve(grader: str) -> None:
+    """Worker loop: run jobs from stdin with `grade_problem`, caching verdicts across jobs."""
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol stream
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    grade_answer("1", "1", grader)  # warm up imports and the LaTeX grammar outside any call's time limit
+    cache: dict[tuple[str, str], bool] = {}
+    new: list[tuple[str, str, bool]] = []  # verdicts computed for the current job
+
+    def grade(pred: str | None, gold: str) -> bool:
+        if pred is None:
+            return False
+        key = (pred, gold)
+        verdict = cache.get(key)
+        if verdict is None:
+            out.write(b"S " + json.dumps(key).encode() + b"\n")
+            verdict = cache[key] = grade_answer(pred, gold, grader)
+            new.append((pred, gold, verdict))
+        return verdict
+
+    out.write(b"R\n")
+    for line in sys.stdin.buffer:
+        job = json.loads(line)
+        for pred, gold, verdict in job["known"]:
+            cache[(pred, gold)] = verdict
+        new.clear()
+        if "pair" in job:
+            result: dict[str, Any] = {"verdict": grade(*job["pair"])}
+        else:
+            graded = grade_problem(*job["problem"], grade=grade)
+            result = {"correct": graded.correct, "majority": asdict(graded.majority)}
+        result["new"] = new
+        out.write(b"D " + json.dumps(result).encode() + b"\n")
+
+
+class _Worker:
+    """One grading subprocess (`python math_grader.py --worker GRADER`) and the parent's view of it."""
+
+    def __init__(self, grader: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", grader],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+        self.spawned = time.monotonic()
+        self.ready = False
+        self.buffer = b""
+        self.job: int | None = None  # index of the job it runs
+        self.call: tuple[str, str] | None = None  # comparison in progress
+        self.call_started = 0.0
+
+    def send(self, payload: bytes) -> bool:
+        """Write one job line; False if the worker is gone."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(payload)
+            self.proc.stdin.flush()
+        except OSError:  # BrokenPipeError and friends
+            return False
+        return True
+
+    def read_lines(self) -> list[bytes] | None:
+        """The complete lines available now; None at end of file (the worker exited)."""
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            return None
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        return lines
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                try:
+                    assert self.proc.stdin is not None
+                    self.proc.stdin.close()  # end of input: the worker exits
+                    self.proc.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def default_num_workers() -> int:
+    """Usable CPU cores, capped at 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+class MathGrader:
+    """Cached, parallel, time-limited grading with the `reference` or `strict` rule.
+
+    Problems are graded in parallel by `num_workers` worker processes; each runs `grade_problem` with its own cache, and
+    the parent keeps a global cache by `(prediction, gold)` whose relevant verdicts go out with every job. Each
+    comparison has a hard limit of `timeout_seconds`: past it the worker is killed and replaced, the comparison counts
+    as not equivalent, and the problem is re-run with that verdict known. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self, grader: str = "reference", timeout_seconds: float = DEFAULT_TIMEOUT_S, num_workers: int | None = None
+    ) -> None:
+        if grader not in GRADERS:
+            raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+        if timeout_seconds <= 0:
+            raise ValueError(f"the grading time limit must be > 0 seconds, got {timeout_seconds}")
+        self.grader = grader
+        self.timeout_seconds = float(timeout_seconds)
+        self.num_workers = num_workers or default_num_workers()
+        self.timeouts = 0  # comparisons that hit the limit (or crashed their worker)
+        self._cache: dict[tuple[str, str], bool] = {}
+        self._lock = threading.Lock()
+        self._workers = [_Worker(grader) for _ in range(self.num_workers)]
+
+    # -- public API -------------------------------------------------------------------------------------------------
+
+    def grade(self, prediction: str | None, gold: str) -> bool:
+        """`grade_answer(prediction, gold, self.grader)` under the time limit, cached by the two strings."""
+        if prediction is None:
+            return False
+        key = (str(prediction), str(gold))
+        if key not in self._cache:
+            self._run([{"pair": list(key)}], strings=[set(key)])
+        return self._cache[key]
+
+    def grade_problems(
+        self,
+        problems: Sequence[tuple[Sequence[str | None], Sequence[bool], str]],
+        progress: bool = True,
+        desc: str = "grading",
+    ) -> list[ProblemGrade]:
+        """`grade_problem` for each `(predictions, formatted, gold)`, in parallel; results in input order."""
+        jobs = []
+        strings = []
+        for predictions, formatted, gold in problems:
+            predictions = [None if p is None else str(p) for p in predictions]
+            jobs.append({"problem": [predictions, [bool(f) for f in formatted], str(gold)]})
+            strings.append({p for p in predictions if p is not None} | {str(gold)})
+        results = self._run(jobs, strings, progress=progress, desc=desc)
+        graded = []
+        for result in results:
+            majority = result["majority"]
+            graded.append(
+                ProblemGrade(
+                    correct=tuple(result["correct"]),
+                    majority=MajorityVote(
+                        correct=majority["correct"],
+                        clusters=tuple(tuple(c) for c in majority["clusters"]),
+                        invalid_cluster=majority["invalid_cluster"],
+                        winner=majority["winner"],
+                    ),
+                )
+            )
+        return graded
+
+    def close(self) -> None:
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.close()
+
+    def __enter__(self) -> MathGrader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_workers", None):
+            self.close()
+
+    # -- scheduling ---------------------------------------------------------------------------------------------------
+
+    def _payload(self, job: dict[str, Any], strings: set[str]) -> bytes:
+        known = [[a, b, self._cache[(a, b)]] for a in strings for b in strings if (a, b) in self._cache]
+        return json.dumps({**job, "known": known}).encode() + b"\n"
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.close(kill=True)
+        fresh = _Worker(self.grader)
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
+
+    def _run(
+        self, jobs: list[dict[str, Any]], strings: list[set[str]], progress: bool = False, desc: str = "grading"
+    ) -> list[dict[str, Any]]:
+        """Run `jobs` on the pool under the per-comparison limit; the workers' results in job order."""
+        from tqdm.auto import tqdm
+
+        if not self._workers:
+            raise RuntimeError("this MathGrader is closed")
+        with self._lock, tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+            results: list[dict[str, Any] | None] = [None] * len(jobs)
+            pending = deque(range(len(jobs)))
+            failures: Counter[int] = Counter()
+
+            def requeue(worker: _Worker, why: str) -> None:
+                job = worker.job
+                if job is None:
+                    return
+                if worker.call is not None:  # the comparison in flight is the culprit: not equivalent
+                    self._cache[worker.call] = False
+                    self.timeouts += 1
+                    pred, gold = worker.call
+                    logger.warning("grading %r vs %r %s: counted as not equivalent", pred[:80], gold[:80], why)
+                else:
+                    failures[job] += 1
+                    if failures[job] > 2:
+                        raise RuntimeError(f"grading worker keeps failing on job {job} ({why})")
+                pending.appendleft(job)
+
+            while pending or any(w.job is not None for w in self._workers):
+                for worker in list(self._workers):  # hand out work
+                    if worker.job is None and pending:
+                        job = pending.popleft()
+                        worker.job, worker.call = job, None
+                        if not worker.send(self._payload(jobs[job], strings[job])):
+                            requeue(worker, "lost its worker")
+                            self._replace(worker)
+                now = time.monotonic()
+                deadlines = [w.call_started + self.timeout_seconds for w in self._workers if w.call is not None]
+                deadlines += [w.spawned + _WORKER_START_TIMEOUT_S for w in self._workers if not w.ready]
+                wait = max(0.0, min(deadlines) - now) if deadlines else None
+                busy = {w.fd: w for w in self._workers if w.job is not None or not w.ready}
+                readable, _, _ = select.select(list(busy), [], [], wait)
+                now = time.monotonic()
+                for fd in readable:
+                    worker = busy[fd]
+                    lines = worker.read_lines()
+                    if lines is None:  # the worker died
+                        if not worker.ready:
+                            raise RuntimeError(f"a grading worker failed to start (exit code {worker.proc.wait()})")
+                        requeue(worker, f"crashed its worker (exit code {worker.proc.wait()})")
+                        self._replace(worker)
+                        continue
+                    for line in lines:
+                        if line == b"R":
+                            worker.ready = True
+                        elif line.startswith(b"S "):
+                            pred, gold = json.loads(line[2:])
+                            worker.call, worker.call_started = (pred, gold), now
+                        elif line.startswith(b"D "):
+                            result = json.loads(line[2:])
+                            for pred, gold, verdict in result.pop("new"):
+                                self._cache[(pred, gold)] = verdict
+                            assert worker.job is not None
+                            results[worker.job] = result
+                            worker.job, worker.call = None, None
+                            bar.update(1)
+                for worker in list(self._workers):  # enforce the limits
+                    if worker.call is not None and now - worker.call_started > self.timeout_seconds:
+                        requeue(worker, f"exceeded {self.timeout_seconds:g} s")
+                        self._replace(worker)
+                    elif not worker.ready and now - worker.spawned > _WORKER_START_TIMEOUT_S:
+                        raise RuntimeError(f"a grading worker did not start within {_WORKER_START_TIMEOUT_S:g} s")
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+
+def _main(argv: list[str]) -> int:
+    """`python eval/math_grader.py PREDICTION GOLD [--grader strict] [--timeout S]`: print True/False."""
+    import argparse
+
+    if len(argv) == 2 and argv[0] == "--worker":
+        _serve(argv[1])
+        return 0
+    parser = argparse.ArgumentParser(description="Grade one prediction against one gold answer (SPEC §7.6).")
+    parser.add_argument("prediction")
+    parser.add_argument("gold")
+    parser.add_argument("--grader", choices=GRADERS, default="reference")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="hard limit in seconds")
+    args = parser.parse_args(argv)
+    with MathGrader(args.grader, args.timeout, num_workers=1) as grader:
+        print(grader.grade(args.prediction, args.gold))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
