@@ -259,6 +259,7 @@ pw_train_and_merge() {
   if [[ -d "$merged" ]]; then
     if pw_merged_is_valid "$merged"; then
       pw_log "skip: ${merged} is a valid merged model; only the sentinels are rewritten (delete it to redo the run)"
+      ((machine_rank == 0)) || return 0
       pw_write_sentinel "${merged}/.complete"
       pw_write_sentinel "${output_root}/.${name}_ready_for_eval"
       return 0
