@@ -17,8 +17,8 @@ Graders (`--grader`):
 * `strict` (opt-in) fixes plain parse bugs of the reference rule before comparing (SPEC §11.1):
   `\\mathrm{e}` / `\\operatorname{e}` → `e` (the reference parses `1-\\frac{1}{\\mathrm{e}}` as 1),
   `\\sqrt(x)` → `\\sqrt{x}` (the reference parses `4\\sqrt(2)` as 4), `\\$` removed (the reference can never parse a
-  dollar amount such as MATH-500's gold `\\$18.90`), and an exact comparison when both sides are exact rational numbers
-  (the reference's rounding makes `2^{-99}` equal `2^{-98}` and `1/2004!` equal `1/2006!`).
+  dollar amount such as MATH-500's gold `\\$18.90`), and an exact comparison of two exact rational numbers that the
+  reference accepts only through rounding (`2^{-99}` = `2^{-98}`, `1/2004!` = `1/2006!`).
   Rounded decimals (`0.001736111` vs `\\frac{1}{576}`), percent = fraction, units and degrees stay accepted.
 """
 
@@ -115,7 +115,11 @@ def _parse(wrapped: str) -> tuple[Any, ...]:
 
 
 def _exact_rational_mismatch(gold: Any, pred: Any) -> bool:
-    """True when both sides are exact rational numbers (no floats, no symbols) whose exact values differ."""
+    """True for two exact rational numbers (no floats, no symbols) that differ yet lie within 1e-6 of each other.
+
+    Math-verify accepts such pairs only through rounding (`evalf(chop=True)`: 2^{-99} = 2^{-98}, 1/2004! = 1/2006!).
+    Pairs far apart that it accepts on purpose (50\\% = 50) are left alone.
+    """
     import sympy
 
     if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
@@ -123,7 +127,9 @@ def _exact_rational_mismatch(gold: Any, pred: Any) -> bool:
     if not (gold.is_number and pred.is_number) or gold.has(sympy.Float) or pred.has(sympy.Float):
         return False
     gold_value, pred_value = gold.doit(), pred.doit()
-    return bool(gold_value.is_Rational and pred_value.is_Rational and gold_value != pred_value)
+    if not (gold_value.is_Rational and pred_value.is_Rational) or gold_value == pred_value:
+        return False
+    return bool(abs(gold_value - pred_value) < sympy.Rational(1, 10**6))
 
 
 def grade_answer(prediction: str | None, gold: str, grader: str = "reference") -> bool:

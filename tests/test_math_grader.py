@@ -1,0 +1,396 @@
+"""math_grader (SPEC §7.5–7.7, §11.1) and eval_metrics (SPEC §7.8), each against a naive implementation from SPEC."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import pytest
+from conftest import DATA_DIR
+from eval_metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from math_grader import MajorityVote, MathGrader, extract_boxed_answer, grade_answer, grade_problem, majority_vote
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Naive implementations written from SPEC
+
+
+def naive_extract(text: str) -> str | None:
+    """SPEC §7.5: last `\\boxed`, brace matching, accept only `\\boxed{...}`, trimmed."""
+    idx = text.rfind("\\boxed")
+    if idx < 0:
+        return None
+    i, depth, right = idx, 0, None
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                right = i
+                break
+        i += 1
+    if right is None:
+        return None
+    span = text[idx : right + 1]
+    if not span.startswith("\\boxed{"):
+        return None
+    return span[len("\\boxed{") : -1].strip()
+
+
+def naive_grade(pred: str | None, gt: str) -> bool:
+    """SPEC §7.6 with math-verify's own (signal) time limits, in the main thread, as the reference runs it."""
+    from math_verify import parse, verify
+
+    if pred is None:
+        return False
+    pred, gt = str(pred), str(gt)
+    try:
+        p = pred if "$" in pred else f"${pred}$"
+        g = gt if "$" in gt else f"${gt}$"
+        return verify(parse(g, fallback_mode="no_fallback"), parse(p, fallback_mode="no_fallback"), timeout_seconds=5)
+    except Exception:
+        return pred.replace("$", "").replace(" ", "").lower() == gt.replace("$", "").replace(" ", "").lower()
+
+
+def naive_majority(preds, formatted, gt, grade) -> bool:
+    """SPEC §7.7 with a dict of clusters in creation order (INVALID is a key like any other)."""
+    clusters: dict[object, list[int]] = {}
+    for i, (p, ok) in enumerate(zip(preds, formatted)):
+        if not ok:
+            clusters.setdefault("INVALID", []).append(i)
+            continue
+        for rep_index, members in clusters.items():
+            if rep_index == "INVALID":
+                continue
+            rep = preds[rep_index]
+            if grade(p, rep) or grade(rep, p):
+                members.append(i)
+                break
+        else:
+            clusters[i] = [i]
+    if not clusters:
+        return False
+    top = sorted(clusters.items(), key=lambda kv: len(kv[1]), reverse=True)[0][0]
+    return top != "INVALID" and grade(preds[top], gt)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is \\boxed{5}.", "5"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),  # several boxes: the last one
+        ("<think>try \\boxed{7}</think> no box after", "7"),  # inside the thinking trace
+        ("\\boxed 5", None),  # no brace
+        ("\\boxed 5 and later {x}", None),  # the matched span does not start with \boxed{
+        ("\\boxed{5", None),  # unbalanced
+        ("\\boxed{1} ... \\boxed{2", None),  # the LAST \boxed is unbalanced: None, not the earlier box
+        ("\\boxed{}", ""),  # empty box: formatted, empty answer
+        ("\\boxed{  42  }", "42"),  # trimmed
+        ("\\boxed{\\boxed{5}}", "5"),
+        ("\\boxed}{5}", None),
+        ("no box here", None),
+        ("", None),
+        ("\\fbox{5}", None),
+    ],
+)
+def test_extract_boxed_answer_cases(text: str, expected: str | None) -> None:
+    assert extract_boxed_answer(text) == expected
+    assert naive_extract(text) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed", "{", "}", " ", "5", "x", "\\frac", "\\boxed{", "a}"]), max_size=14))
+def test_extract_matches_naive_on_random_text(parts: list[str]) -> None:
+    text = "".join(parts)
+    assert extract_boxed_answer(text) == naive_extract(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grading: the reference rule pinned case by case (math-verify 0.9.0)
+
+REFERENCE_CASES = [
+    # (prediction, gold, expected)
+    ("0.5", "\\frac{1}{2}", True),  # fractions vs decimals
+    ("\\frac12", "\\dfrac{1}{2}", True),
+    ("4.6667", "\\frac{14}{3}", False),  # rounding is to 6 decimals
+    ("0.001736111", "\\frac{1}{576}", True),  # pitfall: rounded decimals accepted
+    ("[1,2]", "[1,2]", True),  # intervals
+    ("[1,2)", "[1,2]", False),
+    ("(2,1)", "(1,2)", False),  # pitfall: (1,2) is an open interval
+    ("\\{2,1\\}", "\\{1,2\\}", True),  # sets vs lists
+    ("2,1", "1,2", True),
+    ("13", "\\text{13}", True),  # \text{13} = 13 since math-verify 0.8
+    ("\\text{Evelyn}", "\\text{Evelyn}", True),
+    ("\\text{(C)}", "\\text{(C)}", True),
+    ("0.5", "50\\%", True),  # pitfall: percent = fraction
+    ("50", "50\\%", True),
+    ("30", "30^\\circ", True),  # degrees dropped
+    ("10", "10\\text{ cm}", True),  # units dropped
+    ("25", "025", True),  # zero-padded AIME gold
+    ("025", "25", True),
+    ("2", "x=2", True),
+    ("y=3x+13", "3x-y+13=0", True),
+    ("3x+4y+14=0", "3x-y+13=0", False),  # the SPEC's "equations collapse" pair: not a false positive in 0.9.0
+    ("0<x<12.5", "(0,12.5)", False),  # pitfall: gold/pred asymmetry ...
+    ("(0,12.5)", "0<x<12.5", True),  # ... the other order is True
+    ("1+\\frac{1}{\\mathrm{e}}", "1-\\frac{1}{\\mathrm{e}}", True),  # pitfall: \mathrm{e} truncates the parse (to 1)
+    ("\\frac{1}{2006!}", "\\frac{1}{2004!}", True),  # pitfall: extreme magnitudes round equal
+    ("2^{-98}", "2^{-99}", True),
+    ("4", "4\\sqrt(2)", True),  # pitfall: \sqrt( parses as 4
+    ("4\\sqrt{2}", "4\\sqrt(2)", False),
+    ("18.90", "\\$18.90", False),  # a gold containing `$` is never wrapped and never parses
+    ("\\$18.90", "\\$18.90", False),
+    ("", "5", False),  # an empty box is never correct
+    (None, "5", False),
+    ("x^2+1", "1+x^2", True),
+    ("3.14159265", "\\pi", True),
+]
+
+
+@pytest.mark.parametrize(("pred", "gold", "expected"), REFERENCE_CASES)
+def test_grade_answer_reference_cases(pred: str | None, gold: str, expected: bool) -> None:
+    assert grade_answer(pred, gold) is expected
+    assert naive_grade(pred, gold) is expected  # the case table agrees with the SPEC rule as the reference runs it
+
+
+STRICT_FIXES = [
+    ("1+\\frac{1}{\\mathrm{e}}", "1-\\frac{1}{\\mathrm{e}}", False),
+    ("1-e^{-1}", "1-\\frac{1}{\\mathrm{e}}", True),
+    ("e^2", "\\mathrm{e}^2", True),
+    ("\\frac{1}{2006!}", "\\frac{1}{2004!}", False),
+    ("2^{-98}", "2^{-99}", False),
+    ("2^{-99}", "2^{-99}", True),
+    ("4", "4\\sqrt(2)", False),
+    ("4\\sqrt{2}", "4\\sqrt(2)", True),
+    ("18.90", "\\$18.90", True),
+    ("\\$18.90", "\\$18.90", True),
+    ("\\$36", "36", True),
+    ("32348", "\\$32,\\!348", True),
+]
+
+
+@pytest.mark.parametrize(("pred", "gold", "expected"), STRICT_FIXES)
+def test_strict_grader_fixes_parse_pitfalls(pred: str, gold: str, expected: bool) -> None:
+    assert grade_answer(pred, gold, grader="strict") is expected
+
+
+def test_strict_grader_keeps_every_other_reference_verdict() -> None:
+    fixed = {(p, g) for p, g, _ in STRICT_FIXES}
+    for pred, gold, expected in REFERENCE_CASES:
+        if (pred, gold) not in fixed:
+            assert grade_answer(pred, gold, grader="strict") is expected, (pred, gold)
+
+
+def _math500_pairs(count: int, seed: int) -> list[tuple[str, str]]:
+    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        gold = rng.choice(golds)
+        pred = rng.choice([gold, gold.replace(" ", ""), rng.choice(golds), f"{gold}.0", f"x = {gold}"])
+        pairs.append((pred, gold))
+    return pairs
+
+
+def test_grade_answer_equals_naive_reference_on_math500_answers() -> None:
+    for pred, gold in _math500_pairs(120, seed=1):
+        assert grade_answer(pred, gold) == naive_grade(pred, gold), (pred, gold)
+
+
+def test_unknown_grader_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown grader"):
+        grade_answer("1", "1", grader="loose")
+    with pytest.raises(ValueError, match="unknown grader"):
+        MathGrader("loose")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clustering and Maj@N
+
+
+def test_majority_vote_hand_computed() -> None:
+    exact = lambda p, g: p == g  # noqa: E731
+    # 11 unformatted + 1 correct: INVALID wins -> wrong (the upstream plurality-over-formatted bug said correct)
+    vote = majority_vote(["5"] + [None] * 11, [True] + [False] * 11, "5", exact)
+    assert vote == MajorityVote(correct=False, clusters=((0,), tuple(range(1, 12))), invalid_cluster=1, winner=1)
+    # tie 2-2: the earliest created cluster wins
+    assert majority_vote(["3", "5", "5", "3"], [True] * 4, "5", exact).correct is False
+    assert majority_vote(["5", "3", "3", "5"], [True] * 4, "5", exact).correct is True
+    # tie with INVALID created first: INVALID wins -> wrong
+    vote = majority_vote([None, "5"], [False, True], "5", exact)
+    assert (vote.correct, vote.winner, vote.invalid_cluster) == (False, 0, 0)
+    # tie with INVALID created second: the answer wins
+    assert majority_vote(["5", None], [True, False], "5", exact).correct is True
+    # no samples
+    assert majority_vote([], [], "5", exact) == MajorityVote(False, (), None, None)
+
+
+def test_majority_vote_with_the_real_grader() -> None:
+    # 0.5, 1/2 and 50% cluster together (3 votes) against "2" x2 and INVALID x2 -> correct for gold 1/2
+    preds = ["2", "0.5", None, "\\frac{1}{2}", "2", None, "50\\%"]
+    vote = majority_vote(preds, [p is not None for p in preds], "\\frac12", grade_answer)
+    assert vote.clusters == ((0, 4), (1, 3, 6), (2, 5))
+    assert vote.winner == 1 and vote.correct is True
+    # asymmetry: "(0,12.5)" then "0<x<12.5" join in one direction only -> clustering checks both
+    preds = ["(0,12.5)", "0<x<12.5"]
+    assert majority_vote(preds, [True, True], "(0,12.5)", grade_answer).clusters == ((0, 1),)
+
+
+def test_majority_vote_greedy_is_not_transitive() -> None:
+    # a~b, b~c, not a~c: c starts its own cluster because only the first member (a) is compared
+    near = lambda p, g: abs(int(p) - int(g)) <= 1  # noqa: E731
+    vote = majority_vote(["1", "2", "3", "3"], [True] * 4, "3", near)
+    assert vote.clusters == ((0, 1), (2, 3))
+    assert vote.winner == 0 and vote.correct is False  # tie 2-2 -> first cluster, rep "1" vs gold "3"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.integers(0, 6)), min_size=0, max_size=12),
+    st.integers(0, 6),
+    st.sampled_from(["mod3", "asym", "exact"]),
+)
+def test_majority_vote_matches_naive(preds_raw: list[int | None], gold: int, relation: str) -> None:
+    grades = {
+        "mod3": lambda p, g: int(p) % 3 == int(g) % 3,
+        "asym": lambda p, g: int(p) >= int(g),  # not symmetric, so the both-direction rule matters
+        "exact": lambda p, g: p == g,
+    }
+    grade = grades[relation]
+    preds = [None if p is None else str(p) for p in preds_raw]
+    formatted = [p is not None for p in preds]
+    assert majority_vote(preds, formatted, str(gold), grade).correct == naive_majority(preds, formatted, str(gold), grade)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MathGrader: worker pool, cache, hard time limit
+
+
+@pytest.fixture(scope="module")
+def pool() -> MathGrader:
+    with MathGrader("reference", timeout_seconds=5, num_workers=2) as grader:
+        yield grader
+
+
+def test_pool_grades_like_grade_answer_and_caches(pool: MathGrader) -> None:
+    pairs = _math500_pairs(40, seed=2) + [(p, g) for p, g, _ in REFERENCE_CASES if p is not None]
+    for pred, gold in pairs:
+        assert pool.grade(pred, gold) == grade_answer(pred, gold), (pred, gold)
+    cached = len(pool._cache)
+    for pred, gold in pairs:
+        pool.grade(pred, gold)
+    assert len(pool._cache) == cached  # nothing recomputed
+    assert pool.grade(None, "5") is False
+
+
+def test_grade_problems_equals_in_process_grading(pool: MathGrader) -> None:
+    rng = random.Random(3)
+    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")][:40]
+    problems = []
+    for gold in golds:
+        pool_answers = [gold, gold.replace(" ", ""), rng.choice(golds), rng.choice(golds), None]
+        preds = [rng.choice(pool_answers) for _ in range(6)]
+        problems.append((preds, [p is not None for p in preds], gold))
+    graded = pool.grade_problems(problems, progress=False)
+    for (preds, formatted, gold), got in zip(problems, graded):
+        expected = grade_problem(preds, formatted, gold, grade_answer)
+        assert got == expected
+        assert got.majority.correct == naive_majority(preds, formatted, gold, naive_grade)
+        assert list(got.correct) == [naive_grade(p, gold) for p in preds]
+
+
+def test_pathological_answer_costs_at_most_the_limit() -> None:
+    with MathGrader("reference", timeout_seconds=1.0, num_workers=1) as grader:
+        grader.grade("1", "1")  # started and warm
+        start = time.monotonic()
+        assert grader.grade("10^{10^{10^{10}}}", "5") is False
+        elapsed = time.monotonic() - start
+        assert grader.timeouts == 1
+        assert elapsed < 3.0, elapsed  # the limit plus killing the worker, never a hang
+        # a timed-out comparison is "not equivalent": its own cluster, never INVALID
+        preds = ["10^{10^{10^{10}}}", "5", "5"]
+        (graded,) = grader.grade_problems([(preds, [True] * 3, "5")], progress=False)
+        assert graded.majority.clusters == ((0,), (1, 2)) and graded.majority.invalid_cluster is None
+        assert graded.correct == (False, True, True) and graded.majority.correct is True
+        assert grader.grade("\\frac{1}{2}", "0.5") is True  # the replacement worker works
+
+
+def test_timed_out_comparison_inside_a_problem_is_rerun_with_the_verdict_known() -> None:
+    with MathGrader("reference", timeout_seconds=1.0, num_workers=1) as grader:
+        preds = ["5", "10^{10^{10^{10}}}", "5", None]
+        (graded,) = grader.grade_problems([(preds, [True, True, True, False], "5")], progress=False)
+        assert graded.correct == (True, False, True, False)
+        assert graded.majority.clusters == ((0, 2), (1,), (3,)) and graded.majority.correct is True
+        assert grader.timeouts >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_matches_the_binomial_formula(nck: tuple[int, int, int]) -> None:
+    n, c, k = nck
+    expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_special_values() -> None:
+    assert pass_at_k(12, 0, 12) == 0.0 and pass_at_k(12, 1, 12) == 1.0  # k = N: "any correct"
+    assert pass_at_k(12, 5, 1) == pytest.approx(5 / 12)  # k = 1: the mean accuracy
+    assert pass_at_k_values(12) == [1, 2, 4, 8, 12]
+    assert pass_at_k_values(8) == [1, 2, 4, 8]
+    assert pass_at_k_values(1) == [1]
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_pass_at_k_table_reduces_to_avg_and_pass() -> None:
+    counts = [0, 1, 3, 12, 7]
+    table = pass_at_k_table(counts, 12)
+    assert list(table) == ["1", "2", "4", "8", "12"]
+    assert table["1"] == pytest.approx(100 * sum(counts) / (5 * 12))  # Avg@N
+    assert table["12"] == pytest.approx(100 * 4 / 5)  # Pass@N
+    assert table["2"] == pytest.approx(100 * sum(1 - math.comb(12 - c, 2) / math.comb(12, 2) for c in counts) / 5)
+
+
+def test_aggregate_metrics_hand_computed() -> None:
+    metrics = aggregate_metrics([0, 2, 4], [False, True, True], [3, 4, 4], n=4)
+    assert metrics == {
+        "num_problems": 3,
+        "total_solutions": 12,
+        "pass_at_n": 2,
+        "pass_at_n_pct": pytest.approx(200 / 3),
+        "average_at_n": 6,
+        "average_at_n_pct": pytest.approx(50.0),
+        "majority_vote_at_n": 2,
+        "majority_vote_at_n_pct": pytest.approx(200 / 3),
+        "formatted_count": 11,
+        "format_rate": pytest.approx(1100 / 12),
+    }
+    assert aggregate_metrics([], [], [], n=4)["pass_at_n_pct"] == 0.0
+
+
+def test_equivalence_is_checked_in_both_orders_only_when_needed() -> None:
+    calls: list[tuple[str, str]] = []
+
+    def grade(p: str | None, g: str) -> bool:
+        calls.append((p, g))
+        return p == g
+
+    majority_vote(["a", "b", "a"], [True] * 3, "a", grade)
+    # b vs rep a: both orders; second a vs rep a: first order suffices; winner vs gold once
+    assert calls == [("b", "a"), ("a", "b"), ("a", "a"), ("a", "a")]
