@@ -176,7 +176,7 @@ class OPSDConfig(GOLDConfig):
         default=None,
         metadata={"help": "bf16 mixed precision. Default: on when a CUDA device is available, off on CPU."},
     )
-    report_to: str | list[str] | None = field(
+    report_to: None | str | list[str] = field(  # noqa: RUF036 (this order is what HfArgumentParser parses)
         default="wandb", metadata={"help": "Loggers (reference: wandb). `none` turns logging integrations off."}
     )
     remove_unused_columns: bool = field(
@@ -188,6 +188,10 @@ class OPSDConfig(GOLDConfig):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            # torchrun/accelerate started several processes on a machine without CUDA: without `use_cpu` accelerate
+            # would not join them (each would train alone); with it they form a gloo process group.
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = (not self.fp16) and torch.cuda.is_available() and not self.use_cpu
         self.validate_pwopsd_flags()
@@ -515,6 +519,12 @@ class OPSDTrainer(SFTTrainer):
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise ConfigError(
+                f"{launched} processes were launched but accelerate joined {self.accelerator.num_processes}: on a "
+                "machine without GPUs pass --use_cpu so they form one (gloo) job"
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id

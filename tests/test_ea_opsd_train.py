@@ -1,0 +1,245 @@
+"""The training entry point: the issue's Must-show command for each method (then the merge), flag defaults, run names,
+user errors (one line, exit 2, no traceback), and a two-process CPU run under accelerate (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ea_opsd_train
+import pytest
+import torch
+from opsd_trainer import OPSDConfig
+from transformers import AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+MUST_SHOW = (
+    "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "
+    "--gradient_accumulation_steps 1 --learning_rate 1e-3 --max_completion_length 8 --max_length 512 --use_peft "
+    "--lora_r 4 --lora_alpha 8 --lora_target_modules q_proj v_proj --fixed_teacher --temperature 1.1 --top_p 0.95 "
+    "--top_k 20 --lmbda 1 --beta 0 --jsd_token_clip 0.05 --logging_steps 1 --report_to none"
+)
+ARCH_FOR_METHOD = {"opsd": "qwen3", "eopd": "dsr1_llama", "pwopsd": "olmo3_think", "reopold": "qwen3"}
+
+
+@pytest.fixture(scope="module")
+def train_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"problem": f"What is {a} * 3?", "solution": f"{a} * 3 = {3 * a}. \\boxed{{{3 * a}}}"} for a in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_cli(args: list[str], env_extra: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["opsd", "eopd", "pwopsd", "reopold"])
+def test_must_show_command_then_merge(tiny_model_dir, train_jsonl, tmp_path, method):
+    tiny = tiny_model_dir(ARCH_FOR_METHOD[method])
+    out, merged = tmp_path / "OUT", tmp_path / "MERGED"
+    cmd = [sys.executable, "code/ea_opsd_train.py", "--model_name_or_path", str(tiny)]
+    cmd += MUST_SHOW.format(method=method, out=out).split()
+    proc = run_cli(cmd, {"PWOPSD_TRAIN_DATASET": str(train_jsonl)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (1, 2):
+        assert (out / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2]
+    assert (out / "adapter_model.safetensors").is_file()  # final save_model
+
+    proc = run_cli([sys.executable, "code/merge_lora.py", str(tiny), str(out / "checkpoint-2"), str(merged)], {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert model.dtype == torch.bfloat16  # merged in bf16 as the reference
+    deltas = [
+        (p.float() - base.state_dict()[n].to(torch.bfloat16).float()).abs().max().item()
+        for n, p in model.state_dict().items()
+        if "q_proj" in n or "v_proj" in n
+    ]
+    assert max(deltas) > 0, "merged model equals the base model"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Defaults and run names
+# ---------------------------------------------------------------------------------------------------------------------
+def test_reference_defaults_are_explicit(tmp_path):
+    args = OPSDConfig(output_dir=str(tmp_path))
+    expected = {  # SPEC §2.2 and §2.3 (library defaults of the reference's pinned versions)
+        "method": None,
+        "use_tinker_loss": False,
+        "fixed_teacher": False,
+        "use_ema_teacher": False,
+        "ema_decay": 0.999,
+        "run_config": None,
+        "presence_penalty": 0.0,
+        "reason_first": False,
+        "max_reasoning_length": 4096,
+        "top_k_loss": 0,
+        "jsd_token_clip": 0.05,
+        "position_w_min": 0.25,
+        "position_tau": 0.30,
+        "position_s": 0.10,
+        "position_global_reduction": False,
+        "reopold_lambda": 0.1,
+        "reopold_beta": 0.2,
+        "reopold_t_switch": 50,
+        "learning_rate": 1e-7,
+        "max_grad_norm": 1.0,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "seed": 42,
+        "max_completion_length": 128,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "top_k": 0,
+        "lmbda": 0.5,
+        "beta": 0.5,
+        "seq_kd": False,
+        "disable_dropout": True,
+        "use_vllm": False,
+        "vllm_mode": "server",
+        "vllm_gpu_memory_utilization": 0.9,
+        "vllm_sync_frequency": 1,
+        "vllm_enable_sleep_mode": False,
+        "vllm_tensor_parallel_size": 1,
+        "gradient_checkpointing": True,
+        "remove_unused_columns": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "dense_loss": False,
+        "prompt_padding": "right",
+        "teacher_think": "reference",
+        "eos_mask": "pad_id",
+        "student_enable_thinking": False,
+        "generations_dump_steps": 5,
+    }
+    for name, value in expected.items():
+        assert getattr(args, name) == value, name
+    assert args.optim in ("adamw_torch", "adamw_torch_fused")
+    assert args.bf16 is torch.cuda.is_available()
+
+
+def test_run_config_names_output_dir_and_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    args = OPSDConfig(
+        output_dir=str(tmp_path / "outputs"),
+        run_config="qwen3_4b_base_pwopsd",
+        learning_rate=5e-6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        wandb_project="pwopsd",
+    )
+    ea_opsd_train.apply_run_config(args)
+    assert args.output_dir == str(tmp_path / "outputs" / "qwen3_4b_base_pwopsd")
+    assert args.run_name == "qwen3_4b_base_pwopsd_lr5e-6_bs8"  # x4 processes in the launchers gives bs32
+    assert os.environ["WANDB_PROJECT"] == "pwopsd"
+    ea_opsd_train.apply_run_config(args)  # already ends with the name: not appended twice
+    assert args.output_dir == str(tmp_path / "outputs" / "qwen3_4b_base_pwopsd")
+    assert ea_opsd_train.format_learning_rate(1e-3) == "0.001"
+    assert ea_opsd_train.format_learning_rate(1.5e-5) == "1.5e-5"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# User errors: one line naming the flag/file/column and the fix, exit status 2, no traceback
+# ---------------------------------------------------------------------------------------------------------------------
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BAD_INPUTS = {  # case: (dataset/model setup, flags to set (None = drop the flag, True = bare flag), expected text)
+    "missing columns": ({"data": "wrong_columns"}, {}, "lacks column(s) problem, solution; it has question, answer"),
+    "unreadable path": ({"data": "/nonexistent/train.jsonl"}, {}, "no such file or folder"),
+    "corrupt json": ({"data": "corrupt"}, {}, "cannot read dataset"),
+    "empty folder": ({"data": "empty_dir"}, {}, "no data files"),
+    "unknown method": ({}, {"--method": "foo"}, "unknown --method 'foo': choose one of"),
+    "missing method": ({}, {"--method": None}, "--method is required"),
+    "fixed teacher without peft": ({}, {"--use_peft": None}, "--fixed_teacher needs --use_peft"),
+    "ema and fixed teacher": ({}, {"--use_ema_teacher": True}, "mutually exclusive"),
+    "bad schedule": ({}, {"--method": "pwopsd", "--position_s": "-1"}, "--position_s"),
+    "bad lambda": ({}, {"--method": "reopold", "--reopold_lambda": "1.5"}, "--reopold_lambda must be in (0, 1)"),
+    "bad reopold beta": ({}, {"--method": "reopold", "--reopold_beta": "0"}, "--reopold_beta"),
+    "bad gkd beta": ({}, {"--beta": "2"}, "--beta"),
+    "missing model": ({"model": "/nonexistent/model"}, {}, "cannot load --model_name_or_path '/nonexistent/model'"),
+    "completion >= max_length": ({}, {"--max_completion_length": "512"}, "must be smaller than --max_length"),
+    "reason_first": ({}, {"--reason_first": True}, "--reason_first is not implemented"),
+    "unknown flag": ({}, {"--bogus_flag": "1"}, "--bogus_flag"),
+    "bad resume": ({}, {"--resume_from_checkpoint": "/nonexistent/ckpt"}, "--resume_from_checkpoint"),
+}
+
+
+def _argv(model: str, out: Path, flags: dict) -> list[str]:
+    """The Must-show argv with `flags` set: a value replaces the flag's value, None drops it, True makes it bare."""
+    argv = ["--model_name_or_path", model, *MUST_SHOW.format(method="opsd", out=out).split()]
+    for flag, value in flags.items():
+        if flag in argv:
+            i = argv.index(flag)
+            end = i + 1
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            del argv[i:end]
+        if value is True:
+            argv.append(flag)
+        elif value is not None:
+            argv += [flag, value]
+    return argv
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_user_errors_are_one_line(case, tiny_model_dir, train_jsonl, tmp_path, monkeypatch, capsys):
+    setup, extra, message = BAD_INPUTS[case]
+    data = {
+        "wrong_columns": _write(tmp_path / "w.jsonl", '{"question": "q", "answer": "a"}\n'),
+        "corrupt": _write(tmp_path / "c.jsonl", '{"problem": "p", "solution": \n'),
+        "empty_dir": tmp_path / "empty",
+    }
+    (tmp_path / "empty").mkdir()
+    spec = setup.get("data")
+    monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(data.get(spec, spec) if spec else train_jsonl))
+    model = setup.get("model", str(tiny_model_dir("qwen3")))
+    rc = ea_opsd_train.main(_argv(model, tmp_path / "out", extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err and err[-1].startswith("ea_opsd_train.py: error: "), err
+    assert message in err[-1], err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_error_has_no_traceback(tiny_model_dir, train_jsonl, tmp_path):
+    cmd = [sys.executable, "code/ea_opsd_train.py", *_argv(str(tiny_model_dir("qwen3")), tmp_path, {"--method": "x"})]
+    proc = run_cli(cmd, {"PWOPSD_TRAIN_DATASET": str(train_jsonl)})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ea_opsd_train.py: error: unknown --method 'x': choose one of opsd, pwopsd, eopd, reopold"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes on CPU (gloo) under accelerate
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_under_accelerate(tiny_model_dir, train_jsonl, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu` starts ONE process in accelerate 1.x (multi-CPU needs torchrun or
+    mpirun), so the two-process job is started through the torchrun launcher; without CUDA the config sets use_cpu and
+    the ranks form a gloo group."""
+    out = tmp_path / "out"
+    argv = _argv(str(tiny_model_dir("qwen3")), out, {"--method": "pwopsd", "--generations_dump_steps": "1"})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(29500 + os.getpid() % 400), "code/ea_opsd_train.py", *argv]
+    proc = run_cli(cmd, {"PWOPSD_TRAIN_DATASET": str(train_jsonl)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 2 and len(logs) == 2
+    assert logs[0]["epoch"] == pytest.approx(0.5)  # 8 rows / (2 processes x 2 prompts) = 2 steps per epoch
+    # the dump gathers the rollouts of both ranks
+    records = json.loads((out / "generations" / "generations_step_1.json").read_text())
+    assert len(records) == 4
