@@ -144,6 +144,14 @@ class OPSDConfig(GOLDConfig):
             "choices": ["pad_id", "length"],
         },
     )
+    rollout_batching: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch = one rollout call per micro-batch (reference); step = one call for all micro-batches "
+            "of an optimizer step (same policy, fewer and larger engine calls: faster with gradient accumulation).",
+            "choices": ["micro_batch", "step"],
+        },
+    )
     generations_dump_steps: int = field(
         default=5, metadata={"help": "Write output_dir/generations/generations_step_{N}.json every N steps; 0 = off."}
     )
@@ -618,16 +626,45 @@ class OPSDTrainer(SFTTrainer):
             )
 
     # --- rollouts ------------------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step (fetched together by the Trainer); kept for step-level rollouts."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches = batch_samples
+        self._step_completions = None
+        return batch_samples, num_items_in_batch
+
+    def _step_rollouts(self, inputs: dict[str, Any]) -> list[list[int]] | None:
+        """`--rollout_batching step`: one engine call for every micro-batch of the optimizer step, on first use.
+
+        The weights only change at the optimizer step, so this samples from the same policy as per-micro-batch calls
+        (the reference), with GA times fewer, GA times larger engine calls.
+        """
+        batches = getattr(self, "_step_batches", None)
+        if self.args.rollout_batching != "step" or not batches or not any(inputs is b for b in batches):
+            return None
+        if self._step_completions is None:
+            prompts = [prompt_token_lists(b["student_prompts"], b["student_prompt_attention_mask"]) for b in batches]
+            flat = self._generate([p for batch_prompts in prompts for p in batch_prompts])
+            self._step_completions, start = {}, 0
+            for batch, batch_prompts in zip(batches, prompts):
+                self._step_completions[id(batch)] = flat[start : start + len(batch_prompts)]
+                start += len(batch_prompts)
+        return self._step_completions[id(inputs)]
+
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        completions = self._step_rollouts(inputs) if self.model.training else None
         inputs = super()._prepare_inputs(inputs)
         if "student_prompts" not in inputs or "completion_ids" in inputs:
             return inputs
-        return self._build_rollout_batch(inputs)
+        return self._build_rollout_batch(inputs, completions)
 
-    def _build_rollout_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Sample one completion per prompt and assemble the student/teacher sequences (SPEC §4.2–§4.3)."""
+    def _build_rollout_batch(
+        self, inputs: dict[str, Any], completions: list[list[int]] | None = None
+    ) -> dict[str, Any]:
+        """Sample one completion per prompt (unless given) and assemble the student/teacher sequences (SPEC §4.2–§4.3)."""
         prompts = prompt_token_lists(inputs["student_prompts"], inputs["student_prompt_attention_mask"])
-        completions = self._generate(prompts)
+        if completions is None:
+            completions = self._generate(prompts)
         batch = build_distillation_batch(
             student_prompts=inputs["student_prompts"],
             student_prompt_attention_mask=inputs["student_prompt_attention_mask"],
@@ -799,6 +836,18 @@ class OPSDTrainer(SFTTrainer):
             "opsd", student, teacher, inputs["completion_ids"][:, :1], inputs["loss_mask"][:, :1], **first
         )
         return loss.detach()
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Rough FLOPs of a micro-batch for `total_flos`: 6·N per student token (forward + backward) and 2·N per teacher
+        token (forward), N = non-embedding parameters, counting full-length completions."""
+        if "student_prompt_attention_mask" not in inputs:
+            return 0
+        if getattr(self, "_num_params", None) is None:
+            self._num_params = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
+        completion = inputs["student_prompt_attention_mask"].size(0) * self.args.max_completion_length
+        student = int(inputs["student_prompt_attention_mask"].sum()) + completion
+        teacher = int(inputs["teacher_prompt_attention_mask"].sum()) + completion
+        return (6 * student + 2 * teacher) * self._num_params
 
     # --- metrics, dumps, checkpoints ------------------------------------------------------------------------------
     def _log_metrics(self, metrics: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
+import opsd_trainer
 import pytest
 import torch
 from data_collator import SelfDistillationDataCollator
@@ -282,6 +283,7 @@ class RecordingLLM:
         self.calls: list[tuple[list, object]] = []
         self.loaded: list[list[tuple[str, torch.Tensor]]] = []
         self.prefix_cache_resets = 0
+        self.completion_of: dict[tuple, list[int]] = {}
         model = SimpleNamespace(load_weights=self._load_weights)
         self.llm_engine = SimpleNamespace(
             model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
@@ -305,6 +307,7 @@ class RecordingLLM:
         outputs = []
         for k, _ in enumerate(prompts):
             ids = [100 + k, 101, 2] if k % 2 == 0 else [110, 111, 112, 113, 114, 115, 116]  # 2 = <|im_end|>
+            self.completion_of[tuple(prompts[k]["prompt_token_ids"])] = ids
             outputs.append(
                 SimpleNamespace(
                     prompt_token_ids=prompts[k]["prompt_token_ids"],
@@ -319,7 +322,8 @@ class RecordingSamplingParams:
         self.kwargs = kwargs
 
 
-def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", ["micro_batch", "step"])
+def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_dir, tmp_path, monkeypatch, batching):
     import trl.generation.vllm_generation as vllm_generation
 
     monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
@@ -329,6 +333,14 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("VLLM_ENFORCE_EAGER", "1")
     RecordingLLM.instances.clear()
+    built = []  # (prompt ids, completion) of every micro-batch that was trained on
+
+    def spy(**kwargs):
+        prompts = opsd_trainer.prompt_token_lists(kwargs["student_prompts"], kwargs["student_prompt_attention_mask"])
+        built.extend(zip(map(tuple, prompts), kwargs["completions"]))
+        return build_distillation_batch(**kwargs)
+
+    monkeypatch.setattr(opsd_trainer, "build_distillation_batch", spy)
     path = tiny_model_dir("qwen3")
     args = make_args(
         tmp_path,
@@ -340,6 +352,7 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
         max_steps=2,
         save_steps=10,
         presence_penalty=0.0,
+        rollout_batching=batching,
     )
     trainer = make_trainer(path, args)
     trainer.train()
@@ -352,7 +365,8 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
     assert llm.kwargs["seed"] == 0  # process_index // tp
     assert llm.kwargs["enforce_eager"] is True  # VLLM_ENFORCE_EAGER
     assert llm.kwargs["enable_sleep_mode"] is False
-    assert len(llm.calls) == 4  # 2 optimizer steps x 2 micro-batches, one rollout each
+    # 2 optimizer steps x 2 micro-batches of 2 prompts: one call per micro-batch, or one per step (reference policy)
+    assert [len(prompts) for prompts, _ in llm.calls] == ([2, 2, 2, 2] if batching == "micro_batch" else [4, 4])
     tokenizer = trainer.processing_class
     collator = SelfDistillationDataCollator(tokenizer)
     for prompts, params in llm.calls:
@@ -367,7 +381,6 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
             "logprobs": None,
             "presence_penalty": 0.0,
         }
-        assert len(prompts) == 2
         for prompt in prompts:  # the student prompt with its template, unpadded
             text = tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
             problem = text.split("Problem: ")[1].split("\n\n")[0]
@@ -383,6 +396,9 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
     pushed = dict(llm.loaded[-1])["model.layers.0.self_attn.q_proj.weight"]
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).model.layers[0].self_attn.q_proj.weight
     assert (pushed - base).abs().max() > 0
+    # every micro-batch trained on the completions sampled for its own prompts (truncated to max_completion_length)
+    assert len(built) == 8
+    assert all(completion == llm.completion_of[prompt][:6] for prompt, completion in built)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     # rows alternate a stopped 3-token completion and a 6-token truncated one
     assert logs[0]["completions/mean_length"] == pytest.approx(4.5)
