@@ -261,10 +261,15 @@ def build_prompt(tokenizer: Any, problem: str, enable_thinking: bool) -> str:
     )
 
 
+def vllm_installed() -> bool:
+    return "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
+
+
 def resolve_backend(name: str) -> str:
+    """auto: vLLM when it is installed and CUDA is available, else transformers."""
     if name != "auto":
         return name
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_installed():
         return "hf"
     import torch
 
@@ -604,7 +609,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     if args.num_samples is not None:
         problems = problems[: args.num_samples]
     backend = resolve_backend(args.backend)
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+    if backend == "vllm" and not vllm_installed():
         raise UserError("--backend vllm: vLLM is not installed (pip install 'pwopsd[gpu]'); or use --backend hf")
     output = Path(args.output_file)
     partial = PartialLog(output.with_name(output.name + PARTIAL_SUFFIX), run_settings(args, backend), args.resume)

@@ -1,0 +1,471 @@
+"""evaluate_math.py (SPEC §7): datasets, CLI, the transformers backend end to end on a tiny model, the exact vLLM
+arguments (recording stand-in: vLLM cannot run here), every JSON key, resume after a kill, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import evaluate_math
+import pytest
+import torch
+from conftest import DATA_DIR, REPO_ROOT
+from evaluate_math import (
+    PROMPT_SUFFIX,
+    EvalArguments,
+    PresencePenaltyLogitsProcessor,
+    UserError,
+    atomic_write_json,
+    load_benchmark,
+    main,
+    sampling_processors,
+)
+from math_grader import NO_BOXED_ANSWER, extract_boxed_answer
+
+TOP_KEYS = [  # SPEC §7.9, in order
+    "base_model", "dataset", "enable_thinking", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+    "max_new_tokens", "val_n", "seed", "num_problems", "total_solutions", "pass_at_n", "pass_at_n_pct", "average_at_n",
+    "average_at_n_pct", "majority_vote_at_n", "majority_vote_at_n_pct", "formatted_count", "format_rate",
+]  # fmt: skip
+EXTRA_KEYS = ["pass_at_k", "backend", "grader", "math_verify_version", "grading_timeouts"]
+RESULT_KEYS = [
+    "problem_id", "problem", "ground_truth", "val_n", "generations", "num_correct", "pass_at_n",
+    "majority_vote_correct", "predicted_answer", "full_generation", "correct", "formatted",
+]  # fmt: skip
+SAMPLE_KEYS = ["predicted_answer", "full_generation", "correct", "formatted"]
+
+
+def _rows(name: str) -> list[dict]:
+    with (DATA_DIR / name).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: CPU sampling is then bit-identical across processes (resume comparisons)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_schema(result: dict, n: int, problems: int) -> None:
+    assert list(result)[: len(TOP_KEYS)] == TOP_KEYS
+    assert set(EXTRA_KEYS) <= set(result) and list(result)[-1] == "results"
+    assert result["num_problems"] == problems == len(result["results"])
+    assert result["total_solutions"] == problems * n
+    assert result["math_verify_version"] == "0.9.0"
+    for entry in result["results"]:
+        assert list(entry) == RESULT_KEYS
+        assert len(entry["generations"]) == n == entry["val_n"]
+        for sample in entry["generations"]:
+            assert list(sample) == SAMPLE_KEYS
+            boxed = extract_boxed_answer(sample["full_generation"])
+            assert sample["formatted"] == (boxed is not None)
+            assert sample["predicted_answer"] == (NO_BOXED_ANSWER if boxed is None else boxed)
+        assert {k: entry[k] for k in SAMPLE_KEYS} == entry["generations"][0]
+        assert entry["num_correct"] == sum(s["correct"] for s in entry["generations"])
+        assert entry["pass_at_n"] == (entry["num_correct"] > 0)
+    # metrics recomputed from the entries (SPEC §7.8)
+    entries = result["results"]
+    assert result["pass_at_n"] == sum(e["pass_at_n"] for e in entries)
+    assert result["average_at_n"] == sum(e["num_correct"] for e in entries)
+    assert result["majority_vote_at_n"] == sum(e["majority_vote_correct"] for e in entries)
+    assert result["formatted_count"] == sum(s["formatted"] for e in entries for s in e["generations"])
+    assert result["pass_at_n_pct"] == pytest.approx(100 * result["pass_at_n"] / problems)
+    assert result["average_at_n_pct"] == pytest.approx(100 * result["average_at_n"] / (problems * n))
+    assert result["majority_vote_at_n_pct"] == pytest.approx(100 * result["majority_vote_at_n"] / problems)
+    assert result["format_rate"] == pytest.approx(100 * result["formatted_count"] / (problems * n))
+    assert result["pass_at_k"][str(n)] == pytest.approx(result["pass_at_n_pct"])
+    assert result["pass_at_k"]["1"] == pytest.approx(result["average_at_n_pct"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets (SPEC §7.3)
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "ids"),
+    [("math500", 500, list(range(500))), ("aime24", 30, list(range(60, 90))), ("aime25", 30, list(range(1, 31))),
+     ("hmmt25", 30, list(range(1, 31)))],
+)  # fmt: skip
+def test_bundled_benchmarks_offline(name: str, count: int, ids: list[int], monkeypatch, caplog, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # hmmt25's default ./data/hmmt25_clean/train.parquet is relative: not found here
+    with caplog.at_level("WARNING", logger="evaluate_math"):
+        problems, source = load_benchmark(name)
+    assert source == f"data/{name}.jsonl"
+    assert "notice:" in caplog.text and f"data/{name}.jsonl" in caplog.text
+    assert len(problems) == count and [p.problem_id for p in problems] == ids
+    rows = _rows(f"{name}.jsonl")
+    assert [p.problem for p in problems] == [r["problem"] for r in rows]
+    assert [p.ground_truth for p in problems] == [str(r["answer"]) for r in rows]
+
+
+def test_hmmt25_reads_the_parquet_path(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO_ROOT)  # the reference's default ./data/hmmt25_clean/train.parquet
+    problems, source = load_benchmark("hmmt25")
+    assert source == "data/hmmt25_clean/train.parquet"
+    bundled, _ = load_benchmark("hmmt25", str(DATA_DIR / "hmmt25.jsonl"))
+    assert problems == bundled
+    monkeypatch.setenv("HMMT25_PARQUET_PATH", str(tmp_path / "missing.parquet"))
+    with pytest.raises(UserError, match=r"HMMT25_PARQUET_PATH=.*missing\.parquet does not exist"):
+        load_benchmark("hmmt25")
+
+
+def test_hub_rows_are_mapped_like_the_reference(monkeypatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(evaluate_math, "_hub_unavailable", lambda: None)
+    real_load_dataset = datasets.load_dataset
+    calls = []
+
+    def fake_load_dataset(path, split):  # the hub cannot be reached from here: stand-in rows with the hub schema
+        calls.append((path, split))
+        return [{"problem_idx": 7, "problem": "P", "answer": 25}, {"problem_idx": 8, "problem": "Q", "answer": 3}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    problems, source = load_benchmark("aime25")
+    assert calls == [("yentinglin/aime_2025", "train")] and source == "hf://yentinglin/aime_2025/train"
+    assert [(p.problem_id, p.problem, p.ground_truth) for p in problems] == [(7, "P", "25"), (8, "Q", "3")]
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, split: [{"problem": "P", "solution": "so \\boxed{12}"}])
+    (problem,) = load_benchmark("math500")[0]
+    assert (problem.problem_id, problem.ground_truth) == (0, "12")  # answer from the last box of the solution
+
+    def unreachable(path, split=None, **kwargs):
+        if path in ("json", "parquet", "csv"):  # the bundled file is read with the real loader
+            return real_load_dataset(path, split=split, **kwargs)
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    problems, source = load_benchmark("aime24")
+    assert source == "data/aime24.jsonl" and len(problems) == 30
+
+
+def test_data_file_formats_and_errors(tmp_path) -> None:
+    rows = [{"problem": "1+1?", "answer": "2", "id": "a"}, {"problem": "2+2?", "answer": 4, "id": "b"}]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv = tmp_path / "mine.csv"
+    csv.write_text("id,problem,answer\na,1+1?,2\nb,2+2?,4\n")
+    for path in (jsonl, csv):
+        problems, _ = load_benchmark("custom", str(path))
+        assert [(p.problem_id, p.problem, p.ground_truth) for p in problems] == [("a", "1+1?", "2"), ("b", "2+2?", "4")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x", "answer": "1"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl has no 'problem' column \(columns: answer, question\)"):
+        load_benchmark("custom", str(bad))
+    with pytest.raises(UserError, match="no 'answer' column"):
+        no_answer = tmp_path / "na.jsonl"
+        no_answer.write_text(json.dumps({"problem": "x"}) + "\n")
+        load_benchmark("aime24", str(no_answer))
+    with pytest.raises(UserError, match="does not exist"):
+        load_benchmark("custom", str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="unsupported type"):
+        load_benchmark("custom", str(tmp_path / "x.txt"))
+    with pytest.raises(UserError, match="no 'id' column"):
+        load_benchmark("aime24", str(_noid(tmp_path)))
+    with pytest.raises(UserError, match="no pinned source"):
+        load_benchmark("amc23")
+    with pytest.raises(UserError, match="unknown --dataset"):
+        load_benchmark("gsm8k")
+
+
+def _noid(tmp_path: Path) -> Path:
+    path = tmp_path / "noid.jsonl"
+    path.write_text(json.dumps({"problem": "x", "answer": "1"}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line and sampling
+
+
+def test_defaults_follow_spec() -> None:
+    args = EvalArguments(base_model="m", dataset="math500", output_file="o.json")
+    assert (args.val_n, args.temperature, args.top_p, args.top_k, args.min_p, args.presence_penalty) == (6, 1.0, 0.8, -1, 0.0, 0.0)
+    assert (args.max_new_tokens, args.tensor_parallel_size, args.seed, args.max_model_len) == (38912, 1, None, 32768)
+    assert (args.gpu_memory_utilization, args.backend, args.grader, args.trust_remote_code, args.resume) == (0.9, "auto", "reference", False, True)
+    thinking = EvalArguments(base_model="m", dataset="math500", output_file="o.json", enable_thinking=True)
+    assert (thinking.top_p, thinking.max_model_len) == (0.95, 40960)
+    parsed = evaluate_math.parse_args(
+        ["--base_model", "m", "--dataset", "aime24", "--output_file", "o", "--enable_thinking", "--no_resume", "--seed", "3"]
+    )
+    assert (parsed.enable_thinking, parsed.resume, parsed.seed, parsed.top_p) == (True, False, 3, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--val_n", "0"], "--val_n must be >= 1"), (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+     (["--top_k", "-2"], "--top_k must be -1"), (["--dataset", "minerva"], "no pinned source")],
+)  # fmt: skip
+def test_user_errors_are_one_line(flags: list[str], message: str, capsys, tmp_path) -> None:
+    argv = ["--base_model", str(tmp_path), "--dataset", "math500", "--output_file", str(tmp_path / "o.json"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate_math.py: error:") and message in err[0]
+
+
+def test_missing_model_is_a_one_line_error(capsys, tmp_path) -> None:
+    argv = ["--base_model", str(tmp_path / "nope"), "--dataset", "aime24", "--num_samples", "1", "--backend", "hf",
+            "--output_file", str(tmp_path / "o.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("evaluate_math.py: error: cannot load the tokenizer of --base_model")
+
+
+def test_sampling_chain_matches_vllm_order() -> None:
+    args = EvalArguments(base_model="m", dataset="d", output_file="o", temperature=0.7, top_p=0.9, top_k=20,
+                         min_p=0.05, presence_penalty=0.5)  # fmt: skip
+    chain = sampling_processors(args, prompt_length=3)
+    assert [type(p).__name__ for p in chain] == [
+        "PresencePenaltyLogitsProcessor", "TemperatureLogitsWarper", "MinPLogitsWarper", "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]  # fmt: skip
+    default = sampling_processors(EvalArguments(base_model="m", dataset="d", output_file="o", enable_thinking=True), 3)
+    assert [type(p).__name__ for p in default] == ["TopPLogitsWarper"]  # T = 1, top_k -1, min_p 0: top-p 0.95 only
+
+
+def test_presence_penalty_counts_generated_tokens_once() -> None:
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 1, 1, 2, 1], [3, 3, 4, 0, 0]])
+    scores = torch.randn(2, 6)
+    out = PresencePenaltyLogitsProcessor(0.5, prompt_length=2)(ids, scores.clone())
+    expected = scores.clone()
+    for row in range(2):
+        for token in set(ids[row, 2:].tolist()):  # the prompt (first 2 ids) is not penalised
+            expected[row, token] -= 0.5
+    torch.testing.assert_close(out, expected)
+
+
+def test_problem_seeds_differ_across_seeds_and_problems() -> None:
+    seeds = {evaluate_math.problem_seed(s, i) for s in range(3) for i in range(500)}
+    assert len(seeds) == 1500
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end with the transformers backend
+
+
+def test_end_to_end_tiny_model_writes_full_schema(tiny_model_dir, tmp_path, single_thread) -> None:
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "out.json"
+    argv = ["--base_model", str(model), "--dataset", "math500", "--num_samples", "3", "--val_n", "2",
+            "--max_new_tokens", "16", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_schema(result, n=2, problems=3)
+    assert (result["base_model"], result["dataset"], result["seed"], result["backend"]) == (str(model), "math500", 0, "hf")
+    assert (result["top_p"], result["top_k"], result["enable_thinking"], result["max_new_tokens"]) == (0.8, -1, False, 16)
+    assert [r["problem_id"] for r in result["results"]] == [0, 1, 2]
+    assert [r["ground_truth"] for r in result["results"]] == [r["answer"] for r in _rows("math500.jsonl")[:3]]
+    assert not Path(str(out) + ".partial.jsonl").exists() and list(tmp_path.iterdir()) == [out]
+    # same seed -> same samples; another seed -> other samples
+    again = tmp_path / "again.json"
+    assert main([*argv[:-1], str(again)]) == 0
+    assert json.loads(again.read_text())["results"] == result["results"]
+    other = tmp_path / "other.json"
+    assert main([*argv[:-3], "1", "--output_file", str(other)]) == 0
+    texts = lambda r: [s["full_generation"] for e in r["results"] for s in e["generations"]]  # noqa: E731
+    assert texts(json.loads(other.read_text())) != texts(result)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, tmp_path, single_thread) -> None:
+    model = tiny_model_dir("qwen3")
+    common = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "30", "--val_n", "2",
+              "--max_new_tokens", "32", "--backend", "hf", "--seed", "5"]  # fmt: skip
+    killed = tmp_path / "killed.json"
+    partial = Path(str(killed) + ".partial.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "eval/evaluate_math.py", *common, "--output_file", str(killed)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_bytes().count(b"\n") >= 4:  # header + 3 problems
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = partial.read_bytes().count(b"\n") - 1
+    assert not killed.exists() and 3 <= done < 30, done
+    with partial.open("ab") as f:  # a line cut short by the kill must be dropped on resume
+        f.write(b'{"index": 29, "problem_id": 89, "generati')
+
+    assert main([*common, "--output_file", str(killed)]) == 0  # resumes
+    assert not partial.exists()
+    fresh = tmp_path / "fresh.json"
+    assert main([*common, "--output_file", str(fresh)]) == 0
+    resumed, uninterrupted = json.loads(killed.read_text()), json.loads(fresh.read_text())
+    _check_schema(resumed, n=2, problems=30)
+    assert resumed == uninterrupted
+
+
+def test_partial_file_checks(tiny_model_dir, tmp_path, capsys) -> None:
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "o.json"
+    partial = Path(str(out) + ".partial.jsonl")
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
+            "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
+    settings = evaluate_math.run_settings(evaluate_math.parse_args(argv), "hf")
+    header = json.dumps({"pwopsd_partial": 1, "settings": settings})
+    # a finished problem is reused as is, not regenerated
+    partial.write_text(header + "\n" + json.dumps({"index": 0, "problem_id": 60, "generations": ["so \\boxed{204}"]}) + "\n")
+    assert main(argv) == 0
+    first = json.loads(out.read_text())["results"][0]
+    assert first["generations"][0]["full_generation"] == "so \\boxed{204}" and first["num_correct"] == 1
+    # other settings: refused, with the fix named
+    partial.write_text(header.replace('"val_n": 1', '"val_n": 3') + "\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "val_n: 3 -> 1" in err and "pass --no_resume" in err
+    # a corrupt line in the middle: refused
+    partial.write_text(header + "\nnot json\n" + json.dumps({"index": 1, "problem_id": 61, "generations": ["x"]}) + "\n")
+    assert main(argv) == 2
+    assert "line 2 is corrupt" in capsys.readouterr().err
+    # --no_resume starts over
+    assert main([*argv, "--no_resume"]) == 0 and not partial.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# vLLM: a recording stand-in checks the exact arguments (vLLM cannot run on this machine)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.llm_kwargs: list[dict] = []
+        self.sampling_kwargs: list[dict] = []
+        self.enqueued: list[tuple] = []
+        self.lora: list[tuple] = []
+
+
+def _fake_vllm(recorder: _Recorder, texts_for) -> types.ModuleType:
+    """A `vllm` module that records LLM(...), SamplingParams(...), enqueue(...) and returns outputs out of order."""
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            recorder.sampling_kwargs.append(kwargs)
+            self.n = kwargs["n"]
+
+    class Engine:
+        def __init__(self) -> None:
+            self.pending: list = []
+
+        def has_unfinished_requests(self) -> bool:
+            return bool(self.pending)
+
+        def step(self) -> list:
+            out = self.pending.pop()  # last submitted finishes first
+            unfinished = types.SimpleNamespace(request_id="x", finished=False, outputs=[])
+            return [unfinished, out]
+
+    class LLM:
+        def __init__(self, **kwargs):
+            recorder.llm_kwargs.append(kwargs)
+            self.llm_engine = Engine()
+
+        def enqueue(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
+            recorder.enqueued.append((list(prompts), sampling_params, lora_request, use_tqdm))
+            ids = [str(100 + i) for i in range(len(prompts))]
+            for i, request_id in enumerate(ids):
+                samples = [types.SimpleNamespace(index=j, text=t) for j, t in enumerate(texts_for(i, sampling_params.n))]
+                self.llm_engine.pending.append(
+                    types.SimpleNamespace(request_id=request_id, finished=True, outputs=samples[::-1])
+                )
+            return ids
+
+    class LoRARequest:
+        def __init__(self, *args):
+            recorder.lora.append(args)
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = LoRARequest
+    return vllm, lora, request
+
+
+def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    model = tiny_model_dir("qwen3")
+    golds = [r["answer"] for r in _rows("aime24.jsonl")[:3]]
+
+    def texts_for(i: int, n: int) -> list[str]:
+        # problem 0: 3 right of 4; problem 1: 1 right + 3 without a box (INVALID wins); problem 2: 2-2 tie, wrong first
+        return [
+            [f"\\boxed{{{golds[0]}}}", f"\\boxed{{{int(golds[0])}}}", "\\boxed{1}", f"so {golds[0]} \\boxed{{{golds[0]}}}"],
+            [f"\\boxed{{{golds[1]}}}", "no box", "\\boxed 5", "\\boxed{7"],
+            ["\\boxed{999}", f"\\boxed{{{golds[2]}}}", "\\boxed{999}", f"\\boxed{{{golds[2]}}}"],
+        ][i][:n]
+
+    recorder = _Recorder()
+    vllm, lora, request = _fake_vllm(recorder, texts_for)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    out = tmp_path / "v.json"
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "3", "--val_n", "4", "--temperature",
+            "1.0", "--top_p", "0.95", "--top_k", "-1", "--min_p", "0.0", "--presence_penalty", "0.0", "--enable_thinking",
+            "--max_new_tokens", "38912", "--tensor_parallel_size", "4", "--seed", "2", "--backend", "vllm",
+            "--output_file", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert recorder.llm_kwargs == [dict(
+        model=str(model), trust_remote_code=False, tensor_parallel_size=4, gpu_memory_utilization=0.9,
+        max_model_len=40960, distributed_executor_backend="mp", enforce_eager=True, dtype="auto",
+    )]  # fmt: skip
+    assert recorder.sampling_kwargs == [dict(
+        n=4, temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, max_tokens=38912, seed=2,
+    )]  # fmt: skip
+    ((prompts, _, lora_request, _),) = recorder.enqueued  # one engine call with every prompt
+    problems = [r["problem"] for r in _rows("aime24.jsonl")[:3]]
+    assert prompts == [
+        f"<|im_start|>user\n{p}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+        for p in problems
+    ]
+    assert PROMPT_SUFFIX in prompts[0] and lora_request is None
+
+    result = json.loads(out.read_text())
+    _check_schema(result, n=4, problems=3)
+    first, second, third = result["results"]
+    assert [s["full_generation"] for s in first["generations"]] == texts_for(0, 4)  # generation order kept
+    assert [s["correct"] for s in first["generations"]] == [True, True, False, True] and first["majority_vote_correct"]
+    assert [s["formatted"] for s in second["generations"]] == [True, False, False, False]
+    assert second["num_correct"] == 1 and not second["majority_vote_correct"]  # INVALID wins
+    assert third["num_correct"] == 2 and not third["majority_vote_correct"]  # tie -> earliest cluster (999)
+    assert (result["pass_at_n"], result["average_at_n"], result["majority_vote_at_n"]) == (3, 6, 1)
+    assert result["formatted_count"] == 9 and result["backend"] == "vllm" and result["seed"] == 2
+
+    # unseeded: no seed in SamplingParams; a LoRA adapter: enable_lora + max_lora_rank 64 + one LoRARequest
+    adapter = tmp_path / "adapter"
+    assert main([*argv[: argv.index("--seed")], "--backend", "vllm", "--checkpoint_dir", str(adapter),
+                 "--output_file", str(tmp_path / "v2.json")]) == 0  # fmt: skip
+    assert "seed" not in recorder.sampling_kwargs[-1]
+    assert recorder.llm_kwargs[-1]["enable_lora"] is True and recorder.llm_kwargs[-1]["max_lora_rank"] == 64
+    assert recorder.lora == [("adapter", 1, str(adapter))]
+
+
+def test_backend_auto_without_vllm_is_hf(monkeypatch) -> None:
+    monkeypatch.setattr(evaluate_math.importlib.util, "find_spec", lambda name: None)
+    assert evaluate_math.resolve_backend("auto") == "hf"
+    assert evaluate_math.resolve_backend("vllm") == "vllm"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic write
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})  # fails half-way through serialisation
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
