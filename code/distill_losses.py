@@ -152,9 +152,9 @@ def _math_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    """log softmax(z / T) over the last axis, upcast to at least float32 before dividing."""
-    return F.log_softmax(logits.to(_math_dtype(logits)) / temperature, dim=-1)
+def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype | None = None) -> Tensor:
+    """log softmax(z / T) over the last axis, upcast (to at least float32 by default) before dividing."""
+    return F.log_softmax(logits.to(dtype or _math_dtype(logits)) / temperature, dim=-1)
 
 
 def _gather(x: Tensor, ids: Tensor) -> Tensor:
@@ -216,14 +216,14 @@ def gkd_token_loss(
     those k (k >= V is the full vocabulary). ``dtype``: the compute dtype (default: at least float32).
     """
     dtype = dtype or _math_dtype(student_logits)
-    student = student_logits.to(dtype) / temperature
-    teacher = teacher_logits.to(dtype) / temperature
-    if 0 < top_k < teacher.shape[-1]:
-        teacher, index = teacher.topk(top_k, dim=-1)
-        student = student.gather(-1, index)
-    d = gkd_element_terms(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), beta)
+    if 0 < top_k < teacher_logits.shape[-1]:
+        teacher_logits, index = teacher_logits.topk(top_k, dim=-1)  # same entries as the top-k of z_T / T
+        student_logits = student_logits.gather(-1, index)
+    d = gkd_element_terms(
+        _log_probs(student_logits, temperature, dtype), _log_probs(teacher_logits, temperature, dtype), beta
+    )
     if clip > 0 and clip_mode == "pointwise":
-        d = d.clamp(max=clip)
+        d = torch.where(d <= clip, d, clip)  # = min(d, c); keeps a bool mask for backward, not d
     loss = d.sum(-1)
     if clip > 0 and clip_mode == "token":
         loss = loss.clamp(max=clip)
@@ -338,10 +338,9 @@ def _eopd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tenso
     ``fkl`` = Σ_{v∈K_t} q̃(v) [log q̃(v) - log p(v)], K_t the top-16 teacher logits, q̃ the teacher renormalised on
     K_t, p the student's *full-vocabulary* distribution. All at temperature T, float32."""
     student_log_probs = _log_probs(student_logits, hp.temperature)
-    teacher_scaled = teacher_logits.to(_math_dtype(teacher_logits)) / hp.temperature
-    teacher_log_probs = F.log_softmax(teacher_scaled, dim=-1)
-    top_logits, top_index = teacher_scaled.topk(min(EOPD_TOP_K, teacher_scaled.shape[-1]), dim=-1)
-    top_log_probs = F.log_softmax(top_logits, dim=-1)
+    teacher_log_probs = _log_probs(teacher_logits, hp.temperature)
+    top_index = teacher_logits.topk(min(EOPD_TOP_K, teacher_logits.shape[-1]), dim=-1).indices
+    top_log_probs = _log_probs(teacher_logits.gather(-1, top_index), hp.temperature)
     fkl = (top_log_probs.exp() * (top_log_probs - student_log_probs.gather(-1, top_index))).sum(-1)
     return {
         "logp_o": _gather(student_log_probs, ids),
@@ -537,23 +536,30 @@ class _ChunkSpec:
     names: tuple[str, ...] = ()  # filled in by the first chunk: the order of the Function's outputs
 
 
+def _chunk_logits(student_h: Tensor, teacher_h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Student and teacher logits of a chunk from one product with the LM head (it is read once)."""
+    logits = torch.cat([student_h, teacher_h]) @ weight.T
+    return logits[: len(student_h)], logits[len(student_h) :]
+
+
 class _ChunkTokenTerms(torch.autograd.Function):
     """``token_terms`` of a chunk of tokens, projecting ``hidden @ W.T`` inside; never keeps the [chunk, V] logits.
 
-    Frozen head (the LoRA case): the forward also pulls each differentiable per-token term back to the hidden state,
-    J_t = ∂term_t/∂h_t ([chunk, H]; exact because term_t depends on position t alone), so backward is
-    grad_h = Σ_terms g_t · J_t, with no recomputation. Trainable head: backward recomputes the chunk
-    (checkpointing) and differentiates w.r.t. both the hidden state and W. The teacher is a constant.
+    The teacher is a constant. Every per-token term depends on its own position only, so the gradient of the loss
+    w.r.t. the chunk's student logits is dz_t = Σ_terms g_t · ∂term_t/∂z_t, and grad_h = dz @ W, grad_W = dz^T h.
+    Frozen head (the LoRA case): the forward already pulls each differentiable term back to the hidden state,
+    J_t = ∂term_t/∂z_t @ W ([chunk, H]), so backward is grad_h = Σ_terms g_t · J_t, with no recomputation.
+    Trainable head: backward recomputes the chunk's logits (checkpointing) to form dz.
     """
 
     @staticmethod
     def forward(ctx, spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor, ids: Tensor):  # type: ignore[override]
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        h = student_h.detach().requires_grad_(need_h)
-        w = weight.detach().requires_grad_(need_w)
-        teacher_logits = teacher_h @ weight.detach().T  # forward runs in no-grad mode: a constant
+        student_logits, teacher_logits = _chunk_logits(student_h, teacher_h, weight)  # no graph: forward is no-grad
+        student_logits = student_logits.detach().requires_grad_(need_h or need_w)
         with torch.set_grad_enabled(need_h or need_w):
-            terms = spec.method.token_terms(h @ w.T, teacher_logits, ids, spec.hp)
+            terms = spec.method.token_terms(student_logits, teacher_logits, ids, spec.hp)
+        del teacher_logits
         spec.names = names = tuple(sorted(terms))
         ctx.spec, ctx.need_h, ctx.need_w = spec, need_h, need_w
         ctx.diff = tuple(i for i, n in enumerate(names) if terms[n].requires_grad)
@@ -561,12 +567,12 @@ class _ChunkTokenTerms(torch.autograd.Function):
             ctx.save_for_backward(student_h, teacher_h, weight, ids)
         elif need_h:
             diff = [terms[names[i]] for i in ctx.diff]
-            ctx.save_for_backward(
-                *(
-                    torch.autograd.grad(t, h, torch.ones_like(t), retain_graph=k + 1 < len(diff))[0]
-                    for k, t in enumerate(diff)
-                )
-            )
+            jacobians = []
+            for k, term in enumerate(diff):
+                (dz,) = torch.autograd.grad(term, student_logits, torch.ones_like(term), retain_graph=k + 1 < len(diff))
+                jacobians.append(dz @ weight)
+                del dz
+            ctx.save_for_backward(*jacobians)
         outputs = tuple(terms[n].detach() for n in names)
         ctx.mark_non_differentiable(*(o for i, o in enumerate(outputs) if i not in ctx.diff))
         return outputs
@@ -575,22 +581,21 @@ class _ChunkTokenTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         g = [grads[i] for i in ctx.diff]
-        grad_h = grad_w = None
-        if ctx.need_w:
-            student_h, teacher_h, weight, ids = ctx.saved_tensors
-            h = student_h.detach().requires_grad_(ctx.need_h)
-            w = weight.detach().requires_grad_(True)
-            teacher_logits = teacher_h @ weight.T  # once_differentiable: no graph is recorded here
-            with torch.enable_grad():
-                terms = ctx.spec.method.token_terms(h @ w.T, teacher_logits, ids, ctx.spec.hp)
-                outs = [terms[ctx.spec.names[i]] for i in ctx.diff]
-                inputs = [h, w] if ctx.need_h else [w]
-                got = torch.autograd.grad(outs, inputs, grad_outputs=g, allow_unused=True)
-            grad_w = got[-1]
-            grad_h = got[0] if ctx.need_h else None
-        elif ctx.need_h:
-            grad_h = sum(gi.unsqueeze(-1) * jac for gi, jac in zip(g, ctx.saved_tensors)).to(ctx.saved_tensors[0].dtype)
-        return None, grad_h, None, grad_w, None
+        if not ctx.need_w:
+            jacobians = ctx.saved_tensors
+            grad_h = sum(gi.unsqueeze(-1) * jac for gi, jac in zip(g, jacobians)) if g else None
+            return None, None if grad_h is None else grad_h.to(jacobians[0].dtype), None, None, None
+        student_h, teacher_h, weight, ids = ctx.saved_tensors
+        student_logits, teacher_logits = _chunk_logits(student_h, teacher_h, weight)
+        student_logits = student_logits.detach().requires_grad_()
+        with torch.enable_grad():
+            terms = ctx.spec.method.token_terms(student_logits, teacher_logits, ids, ctx.spec.hp)
+            del teacher_logits
+            outs = [terms[ctx.spec.names[i]] for i in ctx.diff]
+            (dz,) = torch.autograd.grad(outs, student_logits, g)
+        del terms, outs, student_logits
+        grad_h = dz @ weight if ctx.need_h else None
+        return None, grad_h, None, dz.T @ student_h, None
 
 
 def chunked_distillation_loss(

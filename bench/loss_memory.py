@@ -1,0 +1,244 @@
+"""Peak memory and time of the distillation loss, forward + backward: dense (logits materialised) vs chunked.
+
+Dense is the reference's way: ``student_hidden @ W.T`` and (no-grad) ``teacher_hidden @ W.T`` as [B, T, V] logits,
+then :func:`distill_losses.compute_distillation_loss`. Chunked is :func:`distill_losses.chunked_distillation_loss`
+on the same hidden states. Each (method, variant, head) runs in its own subprocess on identical seeded inputs.
+
+Memory is the loss's own working memory: the peak above the process's level once the model-free inputs (hidden
+states, LM head, ids, mask) exist: peak RSS on CPU (VmHWM after resetting it through /proc/self/clear_refs),
+``torch.cuda.max_memory_allocated`` on a GPU. Time is the best of ``--repeats`` forward + backward passes after one
+warm-up, best again over ``--rounds`` alternating dense/chunked subprocess rounds (the machine is shared; the
+process CPU time, user + sys, is reported beside it as a load-independent check). The LM head is frozen (LoRA training) unless ``--trainable-methods`` lists the method (extra rows).
+
+    python bench/loss_memory.py --quick          # B x T = 2 x 512, V = 151,936, hidden 512 (CPU)
+    python bench/loss_memory.py                  # B x T = 4 x 1024 (hidden 2560 on a GPU)
+
+The last line printed is one JSON object: ``dense_peak_mb``, ``chunked_peak_mb``, ``memory_ratio`` (dense /
+chunked) for the method with the smallest memory ratio, ``dense_s``, ``chunked_s``, ``time_ratio`` (chunked /
+dense) for the method with the largest time ratio, and ``max_abs_diff``, the largest |dense - chunked| loss value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3_VOCAB = 151_936
+METHOD_NAMES = ("opsd", "pwopsd", "eopd", "reopold")
+REOPOLD_STEP = 60  # phase II: the entropy-quantile mask, the costlier REOPOLD phase
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_worker(cfg: dict) -> dict:
+    """One variant in this process: build inputs, measure forward + backward, return the figures."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "code"))
+    from distill_losses import chunked_distillation_loss, compute_distillation_loss
+
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    torch.manual_seed(0)
+    b, t, h, v = cfg["batch"], cfg["seq"], cfg["hidden"], cfg["vocab"]
+    # Logit scale ~4 gives LM-like peaked distributions (teacher entropy of a few nats).
+    weight = (torch.randn(v, h, device=device) * (4.0 / h**0.5)).to(dtype).requires_grad_(cfg["trainable"])
+    student_hidden = torch.randn(b, t, h, device=device).to(dtype).requires_grad_()
+    teacher_hidden = (student_hidden.detach() + 0.5 * torch.randn(b, t, h, device=device)).to(dtype)
+    ids = torch.randint(0, v, (b, t), device=device)
+    mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    step = REOPOLD_STEP if cfg["method"] == "reopold" else 0
+
+    def step_fn() -> float:
+        student_hidden.grad = None
+        weight.grad = None
+        if cfg["variant"] == "dense":
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ weight.T
+            loss, _ = compute_distillation_loss(
+                cfg["method"], student_hidden @ weight.T, teacher_logits, ids, mask, global_step=step
+            )
+        else:
+            loss, _ = chunked_distillation_loss(
+                cfg["method"],
+                student_hidden,
+                teacher_hidden,
+                weight,
+                ids,
+                mask,
+                chunk_size=cfg["chunk_size"],
+                global_step=step,
+            )
+        loss.backward()
+        return float(loss)
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_ok = _reset_peak_rss()
+        base = _rss_kb("VmRSS") * 1024
+        base_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times, cpu_times, loss = [], [], 0.0
+    for _ in range(cfg["repeats"] + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    elif reset_ok:
+        peak = _rss_kb("VmHWM") * 1024 - base
+    else:  # no clear_refs: the lifetime high-water mark, valid when input building peaked below it
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - max(base, base_hwm)
+    return {"peak_mb": peak / 2**20, "seconds": min(times[1:]), "cpu_seconds": min(cpu_times[1:]), "loss": loss}
+
+
+def run_variant(args: argparse.Namespace, method: str, variant: str, trainable: bool) -> dict:
+    cfg = {
+        "method": method,
+        "variant": variant,
+        "trainable": trainable,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "chunk_size": args.chunk_size,
+        "repeats": args.repeats,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        sys.exit(f"worker {method}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="B x T = 2 x 512 instead of 4 x 1024")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    parser.add_argument("--trainable-methods", nargs="*", default=["opsd"], choices=METHOD_NAMES,
+                        help="methods also measured with a trainable LM head (default: opsd)")  # fmt: skip
+    parser.add_argument("--chunk-size", type=int, default=64, help="valid tokens per chunk (default 64)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on a GPU by default")
+    parser.add_argument("--hidden", type=int, default=None, help="512 on CPU, 2560 on a GPU by default")
+    parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating dense/chunked subprocess rounds (default 2)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.hidden = args.hidden or (2560 if gpu else 512)
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.seq = args.seq or (512 if args.quick else 1024)
+    print(
+        f"# B={args.batch} T={args.seq} V={args.vocab} H={args.hidden} dtype={args.dtype} device={args.device} "
+        f"chunk={args.chunk_size} tokens, torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| method | LM head | dense MB | chunked MB | memory ratio | dense s | chunked s | time ratio | abs diff | loss |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    runs = [(m, False) for m in args.methods] + [(m, True) for m in args.trainable_methods]
+    for method, trainable in runs:
+        # Alternate the two variants for --rounds rounds and keep each one's best: the time of a shared machine.
+        results: dict[str, list[dict]] = {"dense": [], "chunked": []}
+        for _ in range(args.rounds):
+            for variant in results:
+                results[variant].append(run_variant(args, method, variant, trainable))
+        dense, chunked = (
+            {**r[0], "seconds": min(x["seconds"] for x in r), "cpu_seconds": min(x["cpu_seconds"] for x in r)}
+            for r in results.values()
+        )
+        rows.append(
+            {
+                "method": method,
+                "head": "trainable" if trainable else "frozen",
+                "dense_peak_mb": dense["peak_mb"],
+                "chunked_peak_mb": chunked["peak_mb"],
+                "memory_ratio": dense["peak_mb"] / max(chunked["peak_mb"], 1e-9),
+                "dense_s": dense["seconds"],
+                "chunked_s": chunked["seconds"],
+                "time_ratio": chunked["seconds"] / dense["seconds"],
+                "cpu_time_ratio": chunked["cpu_seconds"] / dense["cpu_seconds"],
+                "abs_diff": abs(dense["loss"] - chunked["loss"]),
+                "loss": dense["loss"],
+            }
+        )
+        r = rows[-1]
+        print(
+            f"| {method:8s} | {r['head']:9s} | {r['dense_peak_mb']:9.1f} | {r['chunked_peak_mb']:8.1f} | "
+            f"{r['memory_ratio']:6.1f}x | {r['dense_s']:7.3f} | {r['chunked_s']:7.3f} | {r['time_ratio']:5.2f} | {r['cpu_time_ratio']:5.2f} | "
+            f"{r['abs_diff']:.2e} | {r['loss']:.6f} |",
+            flush=True,
+        )
+    frozen = [r for r in rows if r["head"] == "frozen"] or rows
+    mem = min(frozen, key=lambda r: r["memory_ratio"])
+    tim = max(frozen, key=lambda r: r["time_ratio"])
+    summary = {
+        "dense_peak_mb": round(mem["dense_peak_mb"], 1),
+        "chunked_peak_mb": round(mem["chunked_peak_mb"], 1),
+        "memory_ratio": round(mem["memory_ratio"], 2),
+        "memory_method": mem["method"],
+        "dense_s": round(tim["dense_s"], 3),
+        "chunked_s": round(tim["chunked_s"], 3),
+        "time_ratio": round(tim["time_ratio"], 3),
+        "time_method": tim["method"],
+        "cpu_time_ratio": round(max(r["cpu_time_ratio"] for r in frozen), 3),
+        "max_abs_diff": float(f"{max(r['abs_diff'] for r in rows):.3g}"),
+        "B": args.batch,
+        "T": args.seq,
+        "V": args.vocab,
+        "H": args.hidden,
+        "chunk_size": args.chunk_size,
+        "device": args.device,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
