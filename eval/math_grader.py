@@ -31,6 +31,8 @@ import logging
 import os
 import re
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -239,19 +241,16 @@ def grade_problem(predictions: Sequence[str | None], formatted: Sequence[bool], 
 # ----------------------------------------------------------------------------------------------------------------------
 # Worker processes with a hard per-call time limit
 #
-# Protocol (one line per message). Parent -> worker: a JSON job, either {"problem": [predictions, formatted, gold],
-# "known": [[pred, gold, verdict], ...]} or {"pair": [pred, gold], "known": [...]}. Worker -> parent: "R" once ready,
-# "S <json [pred, gold]>" right before each comparison it computes (the parent times it from there), "D <json result>"
-# when the job is done (result holds the outcome and the verdicts it computed, for the parent's cache).
+# A "zygote" process (`python math_grader.py --zygote GRADER FD`) imports math-verify and warms it up once, then forks a
+# worker for each request on its control socket and hands the worker's socket back (SCM_RIGHTS). So N workers cost one
+# start-up, and replacing a killed worker takes milliseconds. Worker protocol (one line per message over its socket):
+# parent -> worker: a JSON job, {"problem": [predictions, formatted, gold], "known": [[pred, gold, verdict], ...]} or
+# {"pair": [pred, gold], "known": [...]}; worker -> parent: "S <json [pred, gold]>" right before each comparison it
+# computes (the parent times it from there), then "D <json result>" (the outcome and the verdicts it computed).
 
 
-def _serve(grader: str) -> None:
-    """Worker loop: run jobs from stdin with `grade_problem`, caching verdicts across jobs."""
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol stream
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    grade_answer("1", "1", grader)  # warm up imports and the LaTeX grammar outside any call's time limit
+def _serve(sock: socket.socket, grader: str) -> None:
+    """Worker loop: run jobs with `grade_problem`, caching verdicts across jobs; ends when the parent closes `sock`."""
     cache: dict[tuple[str, str], bool] = {}
     new: list[tuple[str, str, bool]] = []  # verdicts computed for the current job
 
@@ -261,13 +260,12 @@ def _serve(grader: str) -> None:
         key = (pred, gold)
         verdict = cache.get(key)
         if verdict is None:
-            out.write(b"S " + json.dumps(key).encode() + b"\n")
+            sock.sendall(b"S " + json.dumps(key).encode() + b"\n")
             verdict = cache[key] = grade_answer(pred, gold, grader)
             new.append((pred, gold, verdict))
         return verdict
 
-    out.write(b"R\n")
-    for line in sys.stdin.buffer:
+    for line in sock.makefile("rb"):
         job = json.loads(line)
         for pred, gold, verdict in job["known"]:
             cache[(pred, gold)] = verdict
@@ -278,61 +276,110 @@ def _serve(grader: str) -> None:
             graded = grade_problem(*job["problem"], grade=grade)
             result = {"correct": graded.correct, "majority": asdict(graded.majority)}
         result["new"] = new
-        out.write(b"D " + json.dumps(result).encode() + b"\n")
+        sock.sendall(b"D " + json.dumps(result).encode() + b"\n")
+
+
+def _zygote(control_fd: int, grader: str) -> None:
+    """Warm up once, then fork one worker per byte received on the control socket; exit when it closes."""
+    control = socket.socket(fileno=control_fd)
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    grade_answer("1", "1", grader)  # imports and the LaTeX grammar, before any worker exists
+
+    def reap(block: bool) -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, 0 if block else os.WNOHANG)[0]:
+                pass
+
+    while control.recv(1):
+        reap(block=False)  # killed or finished workers
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            control.close()
+            parent_end.close()
+            status = 0
+            try:
+                _serve(child_end, grader)
+            except BaseException:
+                logger.exception("grading worker failed")
+                status = 1
+            finally:
+                os._exit(status)
+        child_end.close()
+        socket.send_fds(control, [str(pid).encode()], [parent_end.fileno()])
+        parent_end.close()
+    reap(block=True)  # the workers exit when the parent closes their sockets
+
+
+class _Zygote:
+    """The parent's handle on the zygote process."""
+
+    def __init__(self, grader: str) -> None:
+        self.control, child = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--zygote", grader, str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # nothing is printed there; errors go to stderr
+        )
+        child.close()
+        self.control.settimeout(_WORKER_START_TIMEOUT_S)
+
+    def fork(self) -> _Worker:
+        """A fresh worker (waits for the zygote's warm-up the first time)."""
+        try:
+            self.control.sendall(b"F")
+            message, fds, _, _ = socket.recv_fds(self.control, 32, 1)
+        except (OSError, TimeoutError) as e:
+            raise RuntimeError(f"the grading worker pool did not answer ({type(e).__name__})") from e
+        if not fds:
+            raise RuntimeError(f"the grading worker pool failed to start (exit code {self.proc.poll()}); see above")
+        return _Worker(socket.socket(fileno=fds[0]), int(message))
+
+    def close(self) -> None:
+        self.control.close()  # the zygote exits at end of input
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class _Worker:
-    """One grading subprocess (`python math_grader.py --worker GRADER`) and the parent's view of it."""
+    """The parent's view of one forked worker."""
 
-    def __init__(self, grader: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", grader],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        self.fd = self.proc.stdout.fileno()
-        self.spawned = time.monotonic()
-        self.ready = False
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock, self.pid, self.fd = sock, pid, sock.fileno()
         self.buffer = b""
         self.job: int | None = None  # index of the job it runs
         self.call: tuple[str, str] | None = None  # comparison in progress
         self.call_started = 0.0
 
     def send(self, payload: bytes) -> bool:
-        """Write one job line; False if the worker is gone."""
-        assert self.proc.stdin is not None
+        """Send one job line; False if the worker is gone."""
         try:
-            self.proc.stdin.write(payload)
-            self.proc.stdin.flush()
-        except OSError:  # BrokenPipeError and friends
+            self.sock.sendall(payload)
+        except OSError:
             return False
         return True
 
     def read_lines(self) -> list[bytes] | None:
         """The complete lines available now; None at end of file (the worker exited)."""
-        data = os.read(self.fd, 1 << 16)
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            data = b""
         if not data:
             return None
         *lines, self.buffer = (self.buffer + data).split(b"\n")
         return lines
 
     def close(self, kill: bool = False) -> None:
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                try:
-                    assert self.proc.stdin is not None
-                    self.proc.stdin.close()  # end of input: the worker exits
-                    self.proc.wait(timeout=5)
-                except (OSError, subprocess.TimeoutExpired):
-                    self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.sock.close()  # a live worker exits at end of input
 
 
 def default_num_workers() -> int:
@@ -366,7 +413,13 @@ class MathGrader:
         self.timeouts = 0  # comparisons that hit the limit (or crashed their worker)
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
-        self._workers = [_Worker(grader) for _ in range(self.num_workers)]
+        self._zygote: _Zygote | None = _Zygote(grader)  # starts warming up now; workers are forked on first use
+        self._workers: list[_Worker] = []
+
+    @property
+    def cache_size(self) -> int:
+        """Distinct (prediction, gold) pairs graded so far."""
+        return len(self._cache)
 
     # -- public API -------------------------------------------------------------------------------------------------
 
@@ -412,7 +465,10 @@ class MathGrader:
     def close(self) -> None:
         workers, self._workers = self._workers, []
         for worker in workers:
-            worker.close()
+            worker.close(kill=worker.job is not None)  # a busy worker (an error interrupted a run) is killed
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            zygote.close()
 
     def __enter__(self) -> MathGrader:
         return self
@@ -421,7 +477,7 @@ class MathGrader:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_workers", None):
+        if getattr(self, "_zygote", None) is not None:
             self.close()
 
     # -- scheduling ---------------------------------------------------------------------------------------------------
@@ -432,7 +488,8 @@ class MathGrader:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.close(kill=True)
-        fresh = _Worker(self.grader)
+        assert self._zygote is not None
+        fresh = self._zygote.fork()
         self._workers[self._workers.index(worker)] = fresh
         return fresh
 
@@ -442,7 +499,7 @@ class MathGrader:
         """Run `jobs` on the pool under the per-comparison limit; the workers' results in job order."""
         from tqdm.auto import tqdm
 
-        if not self._workers:
+        if self._zygote is None:
             raise RuntimeError("this MathGrader is closed")
         with self._lock, tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
             results: list[dict[str, Any] | None] = [None] * len(jobs)
@@ -464,6 +521,8 @@ class MathGrader:
                         raise RuntimeError(f"grading worker keeps failing on job {job} ({why})")
                 pending.appendleft(job)
 
+            while len(self._workers) < min(self.num_workers, len(jobs)):
+                self._workers.append(self._zygote.fork())
             while pending or any(w.job is not None for w in self._workers):
                 for worker in list(self._workers):  # hand out work
                     if worker.job is None and pending:
@@ -474,24 +533,19 @@ class MathGrader:
                             self._replace(worker)
                 now = time.monotonic()
                 deadlines = [w.call_started + self.timeout_seconds for w in self._workers if w.call is not None]
-                deadlines += [w.spawned + _WORKER_START_TIMEOUT_S for w in self._workers if not w.ready]
                 wait = max(0.0, min(deadlines) - now) if deadlines else None
-                busy = {w.fd: w for w in self._workers if w.job is not None or not w.ready}
+                busy = {w.fd: w for w in self._workers if w.job is not None}
                 readable, _, _ = select.select(list(busy), [], [], wait)
                 now = time.monotonic()
                 for fd in readable:
                     worker = busy[fd]
                     lines = worker.read_lines()
                     if lines is None:  # the worker died
-                        if not worker.ready:
-                            raise RuntimeError(f"a grading worker failed to start (exit code {worker.proc.wait()})")
-                        requeue(worker, f"crashed its worker (exit code {worker.proc.wait()})")
+                        requeue(worker, "crashed its worker")
                         self._replace(worker)
                         continue
                     for line in lines:
-                        if line == b"R":
-                            worker.ready = True
-                        elif line.startswith(b"S "):
+                        if line.startswith(b"S "):
                             pred, gold = json.loads(line[2:])
                             worker.call, worker.call_started = (pred, gold), now
                         elif line.startswith(b"D "):
@@ -506,8 +560,6 @@ class MathGrader:
                     if worker.call is not None and now - worker.call_started > self.timeout_seconds:
                         requeue(worker, f"exceeded {self.timeout_seconds:g} s")
                         self._replace(worker)
-                    elif not worker.ready and now - worker.spawned > _WORKER_START_TIMEOUT_S:
-                        raise RuntimeError(f"a grading worker did not start within {_WORKER_START_TIMEOUT_S:g} s")
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -516,8 +568,8 @@ def _main(argv: list[str]) -> int:
     """`python eval/math_grader.py PREDICTION GOLD [--grader strict] [--timeout S]`: print True/False."""
     import argparse
 
-    if len(argv) == 2 and argv[0] == "--worker":
-        _serve(argv[1])
+    if len(argv) == 3 and argv[0] == "--zygote":
+        _zygote(int(argv[2]), argv[1])
         return 0
     parser = argparse.ArgumentParser(description="Grade one prediction against one gold answer (SPEC §7.6).")
     parser.add_argument("prediction")
