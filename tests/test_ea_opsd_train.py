@@ -35,6 +35,7 @@ def train_jsonl(tmp_path_factory) -> Path:
 
 def run_cli(args: list[str], env_extra: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra}
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention on the shared CI cores
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -1,0 +1,336 @@
+"""Seconds per optimizer step and peak memory of the training step, dense (reference) vs chunked loss path.
+
+For each model (the tiny Qwen3 test model and SmolLM2-135M-Instruct) and each loss path, a fresh subprocess builds the
+real `EAOPSDTrainer` (pwopsd, fixed teacher, LoRA r 16 on q/v, batch 2, gradient checkpointing) and measures:
+
+* `loss_s` / `loss_peak_mb`: one training micro-batch without the rollout: teacher forward (adapter off, no grad),
+  student forward, loss, backward, on a fixed batch whose completions are exactly `--loss-length` tokens (the
+  reference's 1024 by default: the [B, T, V] logits grow with T, the chunked path's working set does not). Time is
+  the median of `--repeats` passes after one warm-up; memory is the peak RSS above the level just before the first
+  pass (VmHWM reset through /proc/self/clear_refs), or `torch.cuda.max_memory_allocated` on a GPU.
+* `step_s` / `step_peak_mb`: full optimizer steps through `Trainer.train` (transformers rollouts of up to
+  `--completion-length` tokens, teacher, student, loss, AdamW), median over `--steps` steps after one warm-up step.
+
+The dense path (the baseline, measured in the same run) materialises [B, T, V] logits for student and teacher; the
+chunked path projects `--chunk` positions at a time through the LM head.
+
+    python bench/train_step.py                 # tiny + SmolLM2; loss pass T = 1024, rollouts of 128 tokens
+    python bench/train_step.py --quick         # tiny only, T = 64
+
+CPU workers run with `--threads` (default 1) OpenMP threads: on a shared 2-core machine, 2 threads per process
+thrash as soon as another process runs (100x slower passes were seen), so one thread gives stable figures.
+
+The last line printed is one JSON object with every figure and, for the largest model measured,
+`loss_memory_ratio` (dense / chunked peak), `loss_time_ratio` and `step_time_ratio` (chunked / dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_CACHE = Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pwopsd")) / "SmolLM2-135M-Instruct"
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory above the level at `start()`: CUDA allocator peak, or CPU peak RSS (VmHWM reset, with a sampler
+    thread as a fallback where /proc/self/clear_refs is not writable)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._stop = threading.Event()
+        self._sampled = 0
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        self.base = _status_kb("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+            self._sampled = self.base
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, _status_kb("VmRSS") * 1024)
+            time.sleep(0.002)
+
+    def stop_mb(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self._hwm:
+            peak = _status_kb("VmHWM") * 1024
+        else:
+            self._stop.set()
+            peak = self._sampled
+        return max(peak - self.base, 0) / 2**20
+
+
+def run_worker(cfg: dict) -> dict:
+    """One (model, path) in this process."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "code"))
+    from datasets import Dataset
+    from ea_opsd_trainer import EAOPSDTrainer
+    from opsd_trainer import OPSDConfig, build_distillation_batch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    rows = [json.loads(line) for line in (ROOT / "data" / "gsm8k_train.jsonl").open(encoding="utf-8")][:64]
+    T = cfg["completion_length"]
+    loss_T = cfg["loss_length"]
+    workdir = tempfile.mkdtemp(prefix="bench_train_step_")
+    args = OPSDConfig(
+        output_dir=workdir,
+        method="pwopsd",
+        fixed_teacher=True,
+        dense_loss=cfg["path"] == "dense",
+        loss_chunk_size=cfg["chunk"],
+        max_steps=cfg["steps"] + 1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-6,
+        max_grad_norm=0.1,
+        max_completion_length=T,
+        max_length=8192,
+        temperature=1.1,
+        top_p=0.95,
+        top_k=20,
+        lmbda=1.0,
+        beta=0.0,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        generations_dump_steps=0,
+        bf16=cuda,
+    )
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"], padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = EAOPSDTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft
+    )
+
+    # --- one micro-batch without the rollout --------------------------------------------------------------------
+    trainer.args.max_completion_length = loss_T  # the fixed batch's completion width (restored for the steps)
+    prompts = trainer.data_collator(rows[:2])
+    vocab = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.size(0)
+    special = set(tokenizer.all_special_ids)
+    gen = torch.Generator().manual_seed(0)
+    completions = []
+    for _ in range(2):
+        ids = torch.randint(0, vocab, (loss_T,), generator=gen).tolist()
+        completions.append([i if i not in special else 10 for i in ids])
+    batch = build_distillation_batch(
+        student_prompts=prompts["student_prompts"],
+        student_prompt_attention_mask=prompts["student_prompt_attention_mask"],
+        student_prompt_lengths=prompts["student_prompt_lengths_per_example"],
+        teacher_prompts=prompts["teacher_prompts"],
+        teacher_prompt_attention_mask=prompts["teacher_prompt_attention_mask"],
+        completions=completions,
+        max_completion_length=loss_T,
+        pad_token_id=trainer.pad_token_id,
+    )
+    device = trainer.accelerator.device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["student_prompt_length"] = prompts["student_prompt_length"]
+    batch["teacher_prompt_length"] = prompts["teacher_prompt_length"]
+    model = trainer.model
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+
+    def micro_step(batch: dict) -> float:
+        model.zero_grad(set_to_none=True)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.item()
+
+    memory = PeakMemory(cuda)
+    memory.start()
+    times = []
+    for _ in range(cfg["repeats"] + 1):
+        t0 = time.perf_counter()
+        loss_value = micro_step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    loss_peak_mb = memory.stop_mb()
+    model.zero_grad(set_to_none=True)
+    trainer.args.max_completion_length = T
+    del batch
+
+    # --- full optimizer steps ----------------------------------------------------------------------------------------
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.ends: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.starts.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    memory = PeakMemory(cuda)
+    memory.start()
+    trainer.train()
+    step_peak_mb = memory.stop_mb()
+    step_times = [e - s for s, e in zip(timer.starts, timer.ends)][1:]  # drop the warm-up step
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {
+        "model": cfg["name"],
+        "path": cfg["path"],
+        "vocab": vocab,
+        "completion_length": T,
+        "loss_length": loss_T,
+        "loss_value": loss_value,
+        "loss_s": statistics.median(times[1:]),
+        "loss_peak_mb": round(loss_peak_mb, 1),
+        "step_s": statistics.median(step_times),
+        "step_peak_mb": round(step_peak_mb, 1),
+        "mean_rollout_tokens": statistics.mean(lengths) if lengths else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+
+
+def model_paths(names: list[str]) -> dict[str, str]:
+    sys.path.insert(0, str(ROOT / "code"))
+    import tiny_models
+
+    paths = {}
+    for name in names:
+        if name == "tiny":
+            out = Path(tempfile.mkdtemp(prefix="bench_tiny_")) / "qwen3"
+            paths[name] = str(tiny_models.build("qwen3", out, seed=0))
+        elif name == "smollm2":
+            paths[name] = str(tiny_models.build("smollm2", SMOLLM2_CACHE))
+        else:
+            raise SystemExit(f"error: unknown model {name!r}: use tiny or smollm2")
+    return paths
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--completion-length", type=int, default=128, help="rollout length of the optimizer steps")
+    parser.add_argument("--loss-length", type=int, default=1024, help="completion width of the loss-pass batch")
+    parser.add_argument("--chunk", type=int, default=256, help="--loss_chunk_size of the chunked path")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed loss passes (after one warm-up pass)")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, T = 64")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads per worker (1: stable figures on a shared machine)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.quick:
+        args.models, args.completion_length, args.loss_length = "tiny", 64, 64
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    results = []
+    for name, path in model_paths(args.models.split(",")).items():
+        for loss_path in ("dense", "chunked"):
+            cfg = {
+                "name": name,
+                "model": path,
+                "path": loss_path,
+                "completion_length": args.completion_length,
+                "loss_length": args.loss_length,
+                "chunk": args.chunk,
+                "steps": args.steps,
+                "repeats": args.repeats,
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+            )
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"worker {name}/{loss_path} failed")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"# {name} {loss_path}: {results[-1]}", file=sys.stderr, flush=True)
+
+    print(
+        "| model | loss path | V | loss pass T | loss pass (s) | loss peak (MB) | rollout T | optimizer step (s) |"
+        " step peak (MB) | device |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        print(
+            f"| {r['model']} | {r['path']} | {r['vocab']} | {r['loss_length']} | {r['loss_s']:.3f} | "
+            f"{r['loss_peak_mb']:.0f} | {r['completion_length']} | {r['step_s']:.3f} | {r['step_peak_mb']:.0f} | "
+            f"{r['device']} |"
+        )
+    by = {(r["model"], r["path"]): r for r in results}
+    largest = next(m for m in ("smollm2", "tiny") if (m, "dense") in by)
+    dense, chunked = by[(largest, "dense")], by[(largest, "chunked")]
+    summary = {
+        "bench": "train_step",
+        "model": largest,
+        "device": dense["device"],
+        "loss_length": args.loss_length,
+        "completion_length": args.completion_length,
+        "threads": args.threads,
+        "dense_loss_s": round(dense["loss_s"], 4),
+        "chunked_loss_s": round(chunked["loss_s"], 4),
+        "loss_time_ratio": round(chunked["loss_s"] / dense["loss_s"], 3),
+        "dense_loss_peak_mb": dense["loss_peak_mb"],
+        "chunked_loss_peak_mb": chunked["loss_peak_mb"],
+        "loss_memory_ratio": round(dense["loss_peak_mb"] / max(chunked["loss_peak_mb"], 1e-9), 2),
+        "dense_step_s": round(dense["step_s"], 3),
+        "chunked_step_s": round(chunked["step_s"], 3),
+        "step_time_ratio": round(chunked["step_s"] / dense["step_s"], 3),
+        "results": results,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
