@@ -49,6 +49,7 @@ NO_BOXED_ANSWER = "[No boxed answer found]"
 GRADERS = ("reference", "strict")
 DEFAULT_TIMEOUT_S = 5.0
 _WORKER_START_TIMEOUT_S = 120.0
+WORKER_MEMORY_LIMIT_BYTES = 4 << 30  # address space of one grading worker: a runaway answer fails, the machine lives
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Extraction (SPEC §7.5)
@@ -279,6 +280,18 @@ def _serve(sock: socket.socket, grader: str) -> None:
         sock.sendall(b"D " + json.dumps(result).encode() + b"\n")
 
 
+def _limit_memory(limit: int) -> None:
+    """Cap this process's address space (MemoryError inside sympy -> "not equivalent"), where the OS allows it."""
+    try:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard == resource.RLIM_INFINITY or hard > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _zygote(control_fd: int, grader: str) -> None:
     """Warm up once, then fork one worker per byte received on the control socket; exit when it closes."""
     control = socket.socket(fileno=control_fd)
@@ -298,6 +311,7 @@ def _zygote(control_fd: int, grader: str) -> None:
         if pid == 0:  # the worker
             control.close()
             parent_end.close()
+            _limit_memory(WORKER_MEMORY_LIMIT_BYTES)
             status = 0
             try:
                 _serve(child_end, grader)

@@ -315,8 +315,8 @@ def test_pathological_answer_costs_at_most_the_limit() -> None:
         start = time.monotonic()
         assert grader.grade("10^{10^{10^{10}}}", "5") is False
         elapsed = time.monotonic() - start
-        assert grader.timeouts == 1
-        assert elapsed < 3.0, elapsed  # the limit plus killing the worker, never a hang
+        assert grader.timeouts == 1  # killed at the limit (sympy does not return by itself)
+        assert elapsed < 3.0, elapsed  # the limit plus replacing the worker, never a hang
         # a timed-out comparison is "not equivalent": its own cluster, never INVALID
         preds = ["10^{10^{10^{10}}}", "5", "5"]
         (graded,) = grader.grade_problems([(preds, [True] * 3, "5")], progress=False)
