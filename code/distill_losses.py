@@ -51,6 +51,7 @@ __all__ = [
     "loss_hparams_from_args",
     "position_weights",
     "reopold_floor",
+    "schedule_weight",
 ]
 
 Terms = dict[str, Tensor]
@@ -230,20 +231,26 @@ def gkd_token_loss(
     return loss
 
 
-def position_weights(mask: Tensor, w_min: float, tau: float, s: float) -> Tensor:
-    """PW-OPSD position weights (SPEC §5.2); [B, T] bool mask -> [B, T] float32, 0 at invalid positions.
+def schedule_weight(u: Tensor, w_min: float, tau: float, s: float) -> Tensor:
+    """PW-OPSD schedule w(u) = w_min + (1 - w_min) · σ((u - τ) / max(s, 1e-6)) of a relative position u ∈ [0, 1].
 
-    L_b = max(Σ_t m_bt, 1), k_bt = Σ_{t' <= t} m_bt', u_bt = max(k_bt - 1/2, 0) / L_b,
-    w_bt = w_min + (1 - w_min) · σ((u_bt - τ) / max(s, 1e-6)).
-    The position is relative to the row's own valid tokens (not max_completion_length). No gradient.
+    The Moderate schedule (0.25, 0.30, 0.10) gives w(0) = 0.2856, w(0.3) = 0.625, w(1) = 0.9993 (SPEC §5.7).
     """
     if not (_is_real(s) and s > 0):
         raise ValueError(f"--position_s must be > 0 (values below 1e-6 are used as 1e-6), got {s!r}")
+    return w_min + (1 - w_min) * torch.sigmoid((u - tau) / max(s, POSITION_S_GUARD))
+
+
+def position_weights(mask: Tensor, w_min: float, tau: float, s: float) -> Tensor:
+    """PW-OPSD position weights (SPEC §5.2); [B, T] bool mask -> [B, T] float32, 0 at invalid positions.
+
+    L_b = max(Σ_t m_bt, 1), k_bt = Σ_{t' <= t} m_bt', u_bt = max(k_bt - 1/2, 0) / L_b, w_bt = w(u_bt) of
+    :func:`schedule_weight`. The position is relative to the row's own valid tokens (not max_completion_length).
+    The weights are constants (no gradient); L = 4 gives 0.3610, 0.7594, 0.9720, 0.9976 (Moderate schedule).
+    """
     m = mask.to(torch.float32)
-    length = m.sum(-1, keepdim=True).clamp_min(1)
-    u = (m.cumsum(-1) - 0.5).clamp_min(0) / length
-    w = w_min + (1 - w_min) * torch.sigmoid((u - tau) / max(s, POSITION_S_GUARD))
-    return torch.where(mask, w, 0.0)
+    u = (m.cumsum(-1) - 0.5).clamp_min(0) / m.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(mask, schedule_weight(u, w_min, tau, s), 0.0)
 
 
 def reopold_floor(lam: float) -> float:
