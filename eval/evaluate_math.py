@@ -323,14 +323,16 @@ class VLLMBackend:
         """Yield (problem index, N texts in generation order) as requests finish."""
         from tqdm.auto import tqdm
 
+        # Same requests as LLM.generate (which is enqueue + this loop), but finished problems come out one by one.
         request_ids = self.llm.enqueue(list(prompts), self.sampling_params, lora_request=self.lora_request, use_tqdm=False)
-        index_of = dict(zip(request_ids, indices))
+        # enqueue returns vLLM's internal ids, "{id}-{8 random chars}"; finished outputs carry the plain {id}
+        index_of = {request_id.split("-", 1)[0]: index for request_id, index in zip(request_ids, indices)}
         engine = self.llm.llm_engine
         with tqdm(total=len(request_ids), desc="generating (vLLM)") as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
-                        samples = sorted(output.outputs, key=lambda c: c.index)
+                        samples = sorted(output.outputs, key=lambda c: c.index)  # generation order
                         bar.update(1)
                         yield index_of[output.request_id], [c.text for c in samples]
 

@@ -373,13 +373,12 @@ def _fake_vllm(recorder: _Recorder, texts_for) -> types.ModuleType:
 
         def enqueue(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
             recorder.enqueued.append((list(prompts), sampling_params, lora_request, use_tqdm))
-            ids = [str(100 + i) for i in range(len(prompts))]
-            for i, request_id in enumerate(ids):
+            for i in range(len(prompts)):
                 samples = [types.SimpleNamespace(index=j, text=t) for j, t in enumerate(texts_for(i, sampling_params.n))]
-                self.llm_engine.pending.append(
-                    types.SimpleNamespace(request_id=request_id, finished=True, outputs=samples[::-1])
+                self.llm_engine.pending.append(  # outputs carry the external id (vLLM 0.31)
+                    types.SimpleNamespace(request_id=str(100 + i), finished=True, outputs=samples[::-1])
                 )
-            return ids
+            return [f"{100 + i}-{i:08x}" for i in range(len(prompts))]  # enqueue returns the internal ids
 
     class LoRARequest:
         def __init__(self, *args):
