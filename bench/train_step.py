@@ -104,7 +104,7 @@ def run_worker(cfg: dict) -> dict:
     from ea_opsd_trainer import EAOPSDTrainer
     from opsd_trainer import OPSDConfig, build_distillation_batch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -147,10 +147,13 @@ def run_worker(cfg: dict) -> dict:
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=peft
     )
 
+    if cfg["part"] == "steps":
+        return {"model": cfg["name"], "path": cfg["path"], "vocab": vocab_size(trainer), **time_steps(trainer, cuda)}
+
     # --- one micro-batch without the rollout --------------------------------------------------------------------
-    trainer.args.max_completion_length = loss_T  # the fixed batch's completion width (restored for the steps)
+    trainer.args.max_completion_length = loss_T
     prompts = trainer.data_collator(rows[:2])
-    vocab = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.size(0)
+    vocab = vocab_size(trainer)
     special = set(tokenizer.all_special_ids)
     gen = torch.Generator().manual_seed(0)
     completions = []
@@ -191,12 +194,27 @@ def run_worker(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    loss_peak_mb = memory.stop_mb()
-    model.zero_grad(set_to_none=True)
-    trainer.args.max_completion_length = T
-    del batch
+    return {
+        "model": cfg["name"],
+        "path": cfg["path"],
+        "vocab": vocab,
+        "loss_length": loss_T,
+        "loss_value": loss_value,
+        "loss_s": statistics.median(times[1:]),
+        "loss_peak_mb": round(memory.stop_mb(), 1),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
 
-    # --- full optimizer steps ----------------------------------------------------------------------------------------
+
+def vocab_size(trainer) -> int:
+    return trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.size(0)
+
+
+def time_steps(trainer, cuda: bool) -> dict:
+    """Full optimizer steps through `Trainer.train`; the first one is a warm-up."""
+    import torch
+    from transformers import TrainerCallback
+
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.starts: list[float] = []
@@ -218,21 +236,13 @@ def run_worker(cfg: dict) -> dict:
     memory.start()
     trainer.train()
     step_peak_mb = memory.stop_mb()
-    step_times = [e - s for s, e in zip(timer.starts, timer.ends)][1:]  # drop the warm-up step
+    step_times = [e - s for s, e in zip(timer.starts, timer.ends)][1:]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {
-        "model": cfg["name"],
-        "path": cfg["path"],
-        "vocab": vocab,
-        "completion_length": T,
-        "loss_length": loss_T,
-        "loss_value": loss_value,
-        "loss_s": statistics.median(times[1:]),
-        "loss_peak_mb": round(loss_peak_mb, 1),
+        "completion_length": trainer.args.max_completion_length,
         "step_s": statistics.median(step_times),
         "step_peak_mb": round(step_peak_mb, 1),
         "mean_rollout_tokens": statistics.mean(lengths) if lengths else None,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
@@ -277,24 +287,28 @@ def main() -> int:
     results = []
     for name, path in model_paths(args.models.split(",")).items():
         for loss_path in ("dense", "chunked"):
-            cfg = {
-                "name": name,
-                "model": path,
-                "path": loss_path,
-                "completion_length": args.completion_length,
-                "loss_length": args.loss_length,
-                "chunk": args.chunk,
-                "steps": args.steps,
-                "repeats": args.repeats,
-            }
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
-            )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"worker {name}/{loss_path} failed")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"# {name} {loss_path}: {results[-1]}", file=sys.stderr, flush=True)
+            row = {}
+            for part in ("loss", "steps"):  # separate processes: each peak is measured from a fresh process
+                cfg = {
+                    "name": name,
+                    "model": path,
+                    "path": loss_path,
+                    "part": part,
+                    "completion_length": args.completion_length,
+                    "loss_length": args.loss_length,
+                    "chunk": args.chunk,
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                }
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+                )
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr[-4000:])
+                    raise SystemExit(f"worker {name}/{loss_path}/{part} failed")
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results.append(row)
+            print(f"# {name} {loss_path}: {row}", file=sys.stderr, flush=True)
 
     print(
         "| model | loss path | V | loss pass T | loss pass (s) | loss peak (MB) | rollout T | optimizer step (s) |"
