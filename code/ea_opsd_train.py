@@ -5,8 +5,9 @@
 
 Flags: every field of `OPSDConfig` (GOLDConfig + SPEC §2.2), TRL's `ModelConfig` (model, LoRA) and the script
 arguments below. The dataset is `PWOPSD_TRAIN_DATASET` (default `siyanzhao/Openthoughts_math_30k_opsd`), or
-`--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file or a folder of them; only `problem` and
-`solution` are read. User errors (bad flags, unreadable data, missing model) print one line and exit with status 2.
+`--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file or a folder of them (files whose name
+contains `train` if there are any, e.g. a Hub snapshot's `data/train-*.parquet`); only `problem` and `solution` are
+read. User errors (bad flags, unreadable data, missing model) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def load_train_dataset(spec: str):
             if not path.exists():
                 raise UserError(f"cannot read dataset '{spec}' (PWOPSD_TRAIN_DATASET): no such file or folder")
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+            if len(files) > 1 and any("train" in p.name for p in files):  # a Hub snapshot: keep the train split
+                files = [p for p in files if "train" in p.name]
             kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
             if not files or None in kinds or len(kinds) != 1:
                 raise UserError(

@@ -46,7 +46,6 @@ from trl.trainer.utils import disable_dropout_in_model
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TEACHER_MODES = ("fixed", "ema", "dynamic")
 EMA_FILE = "ema_teacher.pt"
 
 

@@ -244,3 +244,20 @@ def test_two_processes_under_accelerate(tiny_model_dir, train_jsonl, tmp_path):
     # the dump gathers the rollouts of both ranks
     records = json.loads((out / "generations" / "generations_step_1.json").read_text())
     assert len(records) == 4
+
+
+def test_dataset_sources(tmp_path):
+    """A .jsonl file, a .parquet file and a Hub-snapshot-like folder (train split only); extra columns are dropped."""
+    import pandas as pd
+
+    rows = [{"problem": "p1", "solution": "s1", "Answer": "1"}, {"problem": "p2", "solution": "s2", "Answer": "2"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    snapshot = tmp_path / "snap" / "data"
+    snapshot.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(snapshot / "train-00000-of-00001.parquet")
+    pd.DataFrame(rows[:1]).to_parquet(snapshot / "test-00000-of-00001.parquet")
+    (tmp_path / "snap" / "README.md").write_text("# card")
+    for spec, n in ((tmp_path / "a.jsonl", 2), (snapshot / "train-00000-of-00001.parquet", 2), (tmp_path / "snap", 2)):
+        dataset = ea_opsd_train.load_train_dataset(str(spec))
+        assert dataset.column_names == ["problem", "solution"] and len(dataset) == n
+        assert dataset[1] == {"problem": "p2", "solution": "s2"}
