@@ -45,6 +45,7 @@ __all__ = [
     "LossHParams",
     "chunked_distillation_loss",
     "compute_distillation_loss",
+    "eopd_gate",
     "get_method",
     "gkd_element_terms",
     "gkd_token_loss",
@@ -169,9 +170,8 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
-    """H = -Σ_v p(v) log p(v) with 0·log 0 = 0."""
-    p = log_probs.exp()
-    return -torch.where(p > 0, p * log_probs, 0.0).sum(-1)
+    """H = -Σ_v p(v) log p(v) with 0·log 0 = 0, without gradient."""
+    return torch.special.entr(log_probs.detach().exp()).sum(-1)
 
 
 def _item(x: Tensor) -> float:
@@ -263,21 +263,10 @@ def reopold_floor(lam: float) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _opsd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
-    """``token_loss`` = ℓ_t of :func:`gkd_token_loss`; with ``use_tinker_loss``: ``logp_o`` and ``logq_o``."""
-    if hp.use_tinker_loss:
-        return {
-            "logp_o": _gather(_log_probs(student_logits, hp.temperature), ids),
-            "logq_o": _gather(_log_probs(teacher_logits, hp.temperature), ids),
-        }
-    if hp.opsd_bf16:
-        return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, torch.bfloat16).float()}
-    return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, None)}
-
-
 def _gkd_loss_from_hparams(
     student_logits: Tensor, teacher_logits: Tensor, hp: LossHParams, dtype: torch.dtype | None
 ) -> Tensor:
+    """ℓ_t of :func:`gkd_token_loss` with the flags' β, clip, clip mode and top-k."""
     return gkd_token_loss(
         student_logits,
         teacher_logits,
@@ -288,6 +277,18 @@ def _gkd_loss_from_hparams(
         top_k=hp.top_k_loss,
         dtype=dtype,
     )
+
+
+def _opsd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
+    """``token_loss`` = ℓ_t of :func:`gkd_token_loss`; with ``use_tinker_loss``: ``logp_o`` and ``logq_o``."""
+    if hp.use_tinker_loss:
+        return {
+            "logp_o": _gather(_log_probs(student_logits, hp.temperature), ids),
+            "logq_o": _gather(_log_probs(teacher_logits, hp.temperature), ids),
+        }
+    if hp.opsd_bf16:
+        return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, torch.bfloat16).float()}
+    return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, None)}
 
 
 def _pwopsd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
@@ -340,48 +341,55 @@ def _pwopsd_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParams
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def eopd_gate(teacher_entropy: Tensor) -> Tensor:
+    """EOPD's gate g = 1[H^T > 0.8]: strict, so H^T = 0.8 is off (SPEC §5.3)."""
+    return teacher_entropy > EOPD_ENTROPY_THRESHOLD
+
+
 def _eopd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
-    """``logp_o`` = log p_t(o_t); ``logq_o`` = log q_t(o_t); ``teacher_entropy`` H^T_t = -Σ_v q log q (nats);
-    ``fkl`` = Σ_{v∈K_t} q̃(v) [log q̃(v) - log p(v)], K_t the top-16 teacher logits, q̃ the teacher renormalised on
-    K_t, p the student's *full-vocabulary* distribution. All at temperature T, float32."""
+    """``token_loss`` ℓ_t = ℓ^OPD_t + g_t ℓ^FKL_t, everything token-local (so one backward per token), and its parts:
+
+    ℓ^OPD_t = max(-r_t Â_t, -clip(r_t, 1-ε, 1+ε) Â_t), Â_t = sg(log q(o_t) - log p_old(o_t)), p_old = sg(p),
+      r_t = exp(log p(o_t) - log p_old(o_t)) (= 1 in value): value log p(o_t) - log q(o_t), gradient -Â_t ∇log p(o_t);
+    ℓ^FKL_t = Σ_{v∈K_t} q̃(v) [log q̃(v) - log p(v)], K_t the top-16 teacher logits, q̃ the teacher renormalised on
+      K_t, p the student's *full-vocabulary* distribution;
+    g_t = 1[H^T_t > 0.8], H^T_t = -Σ_v q log q the teacher entropy in nats.
+    All at temperature T, in float32; the teacher, Â, p_old and the gate are constants.
+    """
     student_log_probs = _log_probs(student_logits, hp.temperature)
     teacher_log_probs = _log_probs(teacher_logits, hp.temperature)
+    logp_o = _gather(student_log_probs, ids)
+    advantage = _gather(teacher_log_probs, ids) - logp_o.detach()
+    ratio = torch.exp(logp_o - logp_o.detach())
+    opd = torch.maximum(-ratio * advantage, -ratio.clamp(1 - EOPD_CLIP_EPS, 1 + EOPD_CLIP_EPS) * advantage)
     top_index = teacher_logits.topk(min(EOPD_TOP_K, teacher_logits.shape[-1]), dim=-1).indices
     top_log_probs = _log_probs(teacher_logits.gather(-1, top_index), hp.temperature)
     fkl = (top_log_probs.exp() * (top_log_probs - student_log_probs.gather(-1, top_index))).sum(-1)
+    entropy = _entropy(teacher_log_probs)
+    fkl = torch.where(eopd_gate(entropy), fkl, 0.0)
+    clipped = ((ratio < 1 - EOPD_CLIP_EPS) & (advantage < 0)) | ((ratio > 1 + EOPD_CLIP_EPS) & (advantage > 0))
     return {
-        "logp_o": _gather(student_log_probs, ids),
-        "logq_o": _gather(teacher_log_probs, ids),
-        "teacher_entropy": _entropy(teacher_log_probs),
-        "fkl": fkl,
+        "token_loss": opd + fkl,
+        "opd": opd.detach(),
+        "fkl": fkl.detach(),
+        "teacher_entropy": entropy,
+        "ratio": ratio.detach(),
+        "clipped": clipped.to(entropy.dtype),
     }
 
 
 def _eopd_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParams) -> tuple[Tensor, Metrics]:
-    """ℓ_t = max(-r Â, -clip(r, 1-ε, 1+ε) Â) + 1[H^T_t > 0.8] · fkl_t, global token mean.
-
-    Â = sg(log q(o_t) - log p_old(o_t)), p_old = sg(p), r = exp(log p(o_t) - log p_old(o_t)) (= 1 in value), so the
-    first term has value log p(o_t) - log q(o_t) and gradient -Â ∇ log p(o_t).
-    """
-    logp_o = torch.where(mask, terms["logp_o"], 0.0)
-    logp_old = logp_o.detach()
-    advantage = torch.where(mask, terms["logq_o"], 0.0) - logp_old
-    ratio = torch.exp(logp_o - logp_old)
-    opd = torch.maximum(-ratio * advantage, -ratio.clamp(1 - EOPD_CLIP_EPS, 1 + EOPD_CLIP_EPS) * advantage)
-    gate = terms["teacher_entropy"] > EOPD_ENTROPY_THRESHOLD
-    fkl = torch.where(gate, terms["fkl"], 0.0)
-    loss = _masked_mean(opd + fkl, mask)
+    """Global token mean 𝓛 = Σ m ℓ / max(N, 1) of the token losses of :func:`_eopd_token_terms`."""
     with torch.no_grad():
-        clipped = ((ratio < 1 - EOPD_CLIP_EPS) & (advantage < 0)) | ((ratio > 1 + EOPD_CLIP_EPS) & (advantage > 0))
         metrics = {
             "eopd/teacher_entropy_mean": _item(_masked_mean(terms["teacher_entropy"], mask)),
-            "eopd/pct_high_entropy": _item(_masked_mean(gate.float(), mask)),
-            "eopd/L_OPD_mean": _item(_masked_mean(opd, mask)),
-            "eopd/L_FKL_mean": _item(_masked_mean(fkl, mask)),
-            "eopd/r_mean": _item(_masked_mean(ratio, mask)),
-            "eopd/clip_fraction": _item(_masked_mean(clipped.float(), mask)),
+            "eopd/pct_high_entropy": _item(_masked_mean(eopd_gate(terms["teacher_entropy"]).float(), mask)),
+            "eopd/L_OPD_mean": _item(_masked_mean(terms["opd"], mask)),
+            "eopd/L_FKL_mean": _item(_masked_mean(terms["fkl"], mask)),
+            "eopd/r_mean": _item(_masked_mean(terms["ratio"], mask)),
+            "eopd/clip_fraction": _item(_masked_mean(terms["clipped"], mask)),
         }
-    return loss, metrics
+    return _masked_mean(terms["token_loss"], mask), metrics
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,7 +403,7 @@ def _reopold_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Te
     return {
         "logp_o": _gather(student_log_probs, ids),
         "logq_o": _gather(_log_probs(teacher_logits, hp.temperature), ids),
-        "student_entropy": _entropy(student_log_probs.detach()),
+        "student_entropy": _entropy(student_log_probs),
     }
 
 

@@ -18,6 +18,7 @@ from distill_losses import (
     LossHParams,
     chunked_distillation_loss,
     compute_distillation_loss,
+    eopd_gate,
     gkd_element_terms,
     gkd_token_loss,
     loss_hparams_from_args,
@@ -385,13 +386,11 @@ def test_eopd_gate_flips_just_above_threshold():
                                       temperature=1.0)  # fmt: skip
     assert below[1]["eopd/pct_high_entropy"] == 0.0 and below[1]["eopd/L_FKL_mean"] == 0.0
     assert above[1]["eopd/pct_high_entropy"] == 1.0 and above[1]["eopd/L_FKL_mean"] > 0
-    # H^T exactly 0.8 is off (strict inequality), the next float32 above is on
-    entropy = torch.tensor([[0.8, 0.8]])
-    entropy[0, 1] = torch.nextafter(entropy[0, 1], torch.tensor(1.0))
-    terms = {"logp_o": torch.zeros(1, 2), "logq_o": torch.zeros(1, 2), "fkl": torch.ones(1, 2),
-             "teacher_entropy": entropy}  # fmt: skip
-    loss, metrics = METHODS["eopd"].reduce(terms, torch.ones(1, 2, dtype=torch.bool), 0, LossHParams())
-    assert loss.item() == 0.5 and metrics["eopd/pct_high_entropy"] == 0.5
+    # H^T exactly 0.8 is off (strict inequality), the next float above is on
+    for dtype in (torch.float32, torch.float64):
+        entropy = torch.tensor([0.8, 0.8, 0.7, 2.0], dtype=dtype)
+        entropy[1] = torch.nextafter(entropy[1], torch.tensor(1.0, dtype=dtype))
+        assert eopd_gate(entropy).tolist() == [False, True, False, True]
 
 
 def test_eopd_metrics_and_on_policy_ratio():
