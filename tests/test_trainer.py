@@ -146,36 +146,46 @@ def test_two_steps_fixed_teacher(tiny_model_dir, tmp_path, method):
     for key in [*METRIC_KEYS[method], "completions/mean_length", "completions/clipped_ratio"]:
         assert all(key in h for h in logs), key
     assert all(0 < h["completions/mean_length"] <= 6 for h in logs)
+    teacher, base_logits, _ = teacher_logits_and_base_logits(trainer, tiny_model_dir("qwen3"))
+    torch.testing.assert_close(teacher, base_logits, atol=1e-5, rtol=1e-5)  # after training: still the base
     if method == "reopold":  # the phase follows state.global_step: step 0 -> phase I, step 1 -> phase II
         assert [h["reopold/phase"] for h in logs] == [1.0, 2.0]
 
 
-def test_fixed_teacher_logits_equal_base_model(tiny_model_dir, tmp_path):
-    path = tiny_model_dir("qwen3")
-    trainer = make_trainer(path, make_args(tmp_path, "opsd", dense_loss=True))
-    randomize_lora(trainer.model)
+def teacher_logits_and_base_logits(trainer: EAOPSDTrainer, path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The trainer's teacher-pass logits on a fixed batch, and the base model's logits at the same positions."""
     batch = fixed_batch(trainer, [[100, 101, 102], [103, 104, 105, 106, 107, 108]])
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    features = {}
-    for role in ("teacher", "student"):
-        context = trainer._teacher_context(unwrapped) if role == "teacher" else torch.enable_grad()
-        with torch.no_grad(), context:
-            features[role] = trainer._completion_features(
-                unwrapped,
-                batch[f"{role}_input_ids"],
-                batch[f"{role}_attention_mask"],
-                batch[f"{role}_position_ids"],
-                batch[f"{role}_prompt_length"],
-            )
+    dense = trainer.args.dense_loss
+    trainer.args.dense_loss = True  # logits rather than hidden states
+    with torch.no_grad(), trainer._teacher_context(unwrapped):
+        teacher = trainer._completion_features(
+            unwrapped,
+            batch["teacher_input_ids"],
+            batch["teacher_attention_mask"],
+            batch["teacher_position_ids"],
+            batch["teacher_prompt_length"],
+        )
+    trainer.args.dense_loss = dense
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     p_t = batch["teacher_prompt_length"]
     with torch.no_grad():
         expected = base(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-    torch.testing.assert_close(features["teacher"], expected[:, p_t - 1 : -1], atol=1e-5, rtol=1e-5)
-    # the student runs with the adapter on: its logits on the teacher sequence would differ from the base
+    return teacher, expected[:, p_t - 1 : -1], batch
+
+
+def test_fixed_teacher_logits_equal_base_model(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen3")
+    trainer = make_trainer(path, make_args(tmp_path, "opsd"))
+    randomize_lora(trainer.model)
+    teacher, expected, batch = teacher_logits_and_base_logits(trainer, path)
+    torch.testing.assert_close(teacher, expected, atol=1e-5, rtol=1e-5)
+    # with the adapter on, the same sequence gives other logits: the adapter is really disabled for the teacher
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad():
         lora_logits = unwrapped(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"])
-    assert (lora_logits.logits - expected).abs().max() > 1e-3
+    p_t = batch["teacher_prompt_length"]
+    assert (lora_logits.logits[:, p_t - 1 : -1] - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
