@@ -1,13 +1,13 @@
 """The four on-policy distillation losses of pwopsd: ``opsd``, ``pwopsd``, ``eopd``, ``reopold`` (SPEC §5).
 
-Every method is two small pure functions, registered in :data:`METHODS`:
+Every method is a function of the two temperature-scaled distributions log p = log_softmax(z_S / T) and
+log q = log_softmax(z_T / T), split in two small pure functions registered in :data:`METHODS`:
 
-* ``token_terms(student_logits, teacher_logits, ids, hp) -> {name: [...] tensor}``: the per-token quantities of one
-  position, computed from that position's logits alone (full-vocabulary ``log_softmax`` at temperature ``T``, in
-  float32). Some carry the student gradient (the token loss, ``log p(o_t)``), the others are constants (teacher
-  entropy, ``log q(o_t)``, ...).
+* ``token_terms(student_log_probs, teacher_log_probs, ids, hp) -> {name: [...] tensor}``: the per-token quantities of
+  one position, from that position's distributions alone. Some carry the student gradient (the token loss,
+  ``log p(o_t)``), the others are constants (teacher entropy, ``log q(o_t)``, ...).
 * ``reduce(terms, mask, global_step, hp) -> (loss, metrics)``: everything batch-level, on ``[B, T]`` tensors: the
-  PW-OPSD weights and row lengths, the EOPD gate, REOPOLD's floor, phase mask and entropy quantile, the reductions.
+  PW-OPSD weights and row lengths, REOPOLD's phase mask and entropy quantile, the reductions, the logged metrics.
 
 :func:`compute_distillation_loss` applies ``token_terms`` to materialised ``[B, T, V]`` logits (the reference's way).
 :func:`chunked_distillation_loss` applies the *same* ``token_terms`` to the valid tokens only, a chunk at a time,
@@ -20,7 +20,7 @@ padded positions cannot leak into the value); every denominator clamped to at le
 tokens returns a zero that is attached to the graph (backward runs and yields zero gradients).
 
 Deviation from the reference: the reference computes the ``opsd`` loss in the model dtype (bf16); here every method
-computes in float32. ``opsd_bf16=True`` restores the reference's bf16 element terms for ``opsd`` (SPEC §12 #5).
+computes in float32 (float64 inputs stay float64). ``opsd_bf16=True`` restores bf16 for ``opsd`` (SPEC §12 #5).
 """
 
 from __future__ import annotations
@@ -198,31 +198,26 @@ def gkd_element_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, beta
 
 
 def gkd_token_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_log_probs: Tensor,
+    teacher_log_probs: Tensor,
     *,
-    temperature: float,
     beta: float,
     clip: float,
     clip_mode: str = "pointwise",
     top_k: int = 0,
-    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Per-token OPSD loss ℓ_t = Σ_v min(d_{t,v}, c) (SPEC §5.1); [..., V] logits -> [...] losses in ``dtype``.
+    """Per-token OPSD loss ℓ_t = Σ_v min(d_{t,v}, c) (SPEC §5.1); [..., V] log-probs at temperature T -> [...].
 
-    d are :func:`gkd_element_terms` of log p = log_softmax(z_S / T), log q = log_softmax(z_T / T). The clip c is
-    point-wise and upper-only, before the vocabulary sum (clipped entries pass no gradient, ℓ_t may be negative);
-    c = 0 disables it. ``clip_mode="token"`` (opt-in) clips the sum instead: ℓ_t = min(Σ_v d_{t,v}, c).
-    ``top_k > 0``: keep the teacher's top-k entries, gather the student's logits there and renormalise both over
-    those k (k >= V is the full vocabulary). ``dtype``: the compute dtype (default: at least float32).
+    d are :func:`gkd_element_terms`. The clip c is point-wise and upper-only, before the vocabulary sum (clipped
+    entries pass no gradient, ℓ_t may be negative); c = 0 disables it. ``clip_mode="token"`` (opt-in) clips the sum
+    instead: ℓ_t = min(Σ_v d_{t,v}, c). ``top_k > 0``: keep the teacher's top-k entries and renormalise student and
+    teacher over those k (log_softmax of the gathered log-probs = of the gathered logits / T; k >= V: all of them).
     """
-    dtype = dtype or _math_dtype(student_logits)
-    if 0 < top_k < teacher_logits.shape[-1]:
-        teacher_logits, index = teacher_logits.topk(top_k, dim=-1)  # same entries as the top-k of z_T / T
-        student_logits = student_logits.gather(-1, index)
-    d = gkd_element_terms(
-        _log_probs(student_logits, temperature, dtype), _log_probs(teacher_logits, temperature, dtype), beta
-    )
+    if 0 < top_k < teacher_log_probs.shape[-1]:
+        teacher_top, index = teacher_log_probs.topk(top_k, dim=-1)
+        student_log_probs = F.log_softmax(student_log_probs.gather(-1, index), dim=-1)
+        teacher_log_probs = F.log_softmax(teacher_top, dim=-1)
+    d = gkd_element_terms(student_log_probs, teacher_log_probs, beta)
     if clip > 0 and clip_mode == "pointwise":
         d = torch.where(d <= clip, d, clip)  # = min(d, c); keeps a bool mask for backward, not d
     loss = d.sum(-1)
@@ -263,37 +258,34 @@ def reopold_floor(lam: float) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _gkd_loss_from_hparams(
-    student_logits: Tensor, teacher_logits: Tensor, hp: LossHParams, dtype: torch.dtype | None
-) -> Tensor:
+def _gkd_loss_from_hparams(student_log_probs: Tensor, teacher_log_probs: Tensor, hp: LossHParams) -> Tensor:
     """ℓ_t of :func:`gkd_token_loss` with the flags' β, clip, clip mode and top-k."""
     return gkd_token_loss(
-        student_logits,
-        teacher_logits,
-        temperature=hp.temperature,
+        student_log_probs,
+        teacher_log_probs,
         beta=hp.beta,
         clip=hp.jsd_token_clip,
         clip_mode=hp.jsd_clip_mode,
         top_k=hp.top_k_loss,
-        dtype=dtype,
     )
 
 
-def _opsd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
+def _opsd_token_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
     """``token_loss`` = ℓ_t of :func:`gkd_token_loss`; with ``use_tinker_loss``: ``logp_o`` and ``logq_o``."""
     if hp.use_tinker_loss:
-        return {
-            "logp_o": _gather(_log_probs(student_logits, hp.temperature), ids),
-            "logq_o": _gather(_log_probs(teacher_logits, hp.temperature), ids),
-        }
-    if hp.opsd_bf16:
-        return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, torch.bfloat16).float()}
-    return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, None)}
+        return {"logp_o": _gather(student_log_probs, ids), "logq_o": _gather(teacher_log_probs, ids)}
+    token_loss = _gkd_loss_from_hparams(student_log_probs, teacher_log_probs, hp)
+    return {"token_loss": token_loss.to(_math_dtype(token_loss))}  # bf16 (opsd_bf16) -> float32
 
 
-def _pwopsd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
-    """``token_loss`` = ℓ_t exactly as opsd (at least float32)."""
-    return {"token_loss": _gkd_loss_from_hparams(student_logits, teacher_logits, hp, None)}
+def _opsd_log_prob_dtype(hp: LossHParams) -> torch.dtype | None:
+    """bf16 with the fidelity switch (the reference's opsd path runs /T and log_softmax on bf16 logits)."""
+    return torch.bfloat16 if hp.opsd_bf16 and not hp.use_tinker_loss else None
+
+
+def _pwopsd_token_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
+    """``token_loss`` = ℓ_t exactly as opsd."""
+    return {"token_loss": _gkd_loss_from_hparams(student_log_probs, teacher_log_probs, hp)}
 
 
 def _negative_fraction(token_loss: Tensor, mask: Tensor) -> float:
@@ -346,24 +338,22 @@ def eopd_gate(teacher_entropy: Tensor) -> Tensor:
     return teacher_entropy > EOPD_ENTROPY_THRESHOLD
 
 
-def _eopd_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
+def _eopd_token_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
     """``token_loss`` ℓ_t = ℓ^OPD_t + g_t ℓ^FKL_t, everything token-local (so one backward per token), and its parts:
 
     ℓ^OPD_t = max(-r_t Â_t, -clip(r_t, 1-ε, 1+ε) Â_t), Â_t = sg(log q(o_t) - log p_old(o_t)), p_old = sg(p),
       r_t = exp(log p(o_t) - log p_old(o_t)) (= 1 in value): value log p(o_t) - log q(o_t), gradient -Â_t ∇log p(o_t);
-    ℓ^FKL_t = Σ_{v∈K_t} q̃(v) [log q̃(v) - log p(v)], K_t the top-16 teacher logits, q̃ the teacher renormalised on
+    ℓ^FKL_t = Σ_{v∈K_t} q̃(v) [log q̃(v) - log p(v)], K_t the top-16 teacher entries, q̃ the teacher renormalised on
       K_t, p the student's *full-vocabulary* distribution;
-    g_t = 1[H^T_t > 0.8], H^T_t = -Σ_v q log q the teacher entropy in nats.
-    All at temperature T, in float32; the teacher, Â, p_old and the gate are constants.
+    g_t = :func:`eopd_gate` (H^T_t) = 1[H^T_t > 0.8], H^T_t = -Σ_v q log q the teacher entropy in nats.
+    The teacher, Â, p_old and the gate are constants.
     """
-    student_log_probs = _log_probs(student_logits, hp.temperature)
-    teacher_log_probs = _log_probs(teacher_logits, hp.temperature)
     logp_o = _gather(student_log_probs, ids)
     advantage = _gather(teacher_log_probs, ids) - logp_o.detach()
     ratio = torch.exp(logp_o - logp_o.detach())
     opd = torch.maximum(-ratio * advantage, -ratio.clamp(1 - EOPD_CLIP_EPS, 1 + EOPD_CLIP_EPS) * advantage)
-    top_index = teacher_logits.topk(min(EOPD_TOP_K, teacher_logits.shape[-1]), dim=-1).indices
-    top_log_probs = _log_probs(teacher_logits.gather(-1, top_index), hp.temperature)
+    top_teacher, top_index = teacher_log_probs.topk(min(EOPD_TOP_K, teacher_log_probs.shape[-1]), dim=-1)
+    top_log_probs = F.log_softmax(top_teacher, dim=-1)
     fkl = (top_log_probs.exp() * (top_log_probs - student_log_probs.gather(-1, top_index))).sum(-1)
     entropy = _entropy(teacher_log_probs)
     fkl = torch.where(eopd_gate(entropy), fkl, 0.0)
@@ -397,12 +387,11 @@ def _eopd_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParams) 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _reopold_token_terms(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
+def _reopold_token_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, ids: Tensor, hp: LossHParams) -> Terms:
     """``logp_o`` = log p_t(o_t); ``logq_o`` = log q_t(o_t); ``student_entropy`` H_t = -Σ_v p log p (no grad)."""
-    student_log_probs = _log_probs(student_logits, hp.temperature)
     return {
         "logp_o": _gather(student_log_probs, ids),
-        "logq_o": _gather(_log_probs(teacher_logits, hp.temperature), ids),
+        "logq_o": _gather(teacher_log_probs, ids),
         "student_entropy": _entropy(student_log_probs),
     }
 
@@ -448,13 +437,17 @@ def _reopold_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParam
 
 @dataclass(frozen=True)
 class DistillationMethod:
-    """A ``--method``: its per-token quantities, its batch-level reduction and the hyper-parameters it reads."""
+    """A ``--method``: its per-token quantities, its batch-level reduction and the hyper-parameters it reads.
+
+    ``log_prob_dtype(hp)``: the dtype of log p and log q; None = float32 (float64 for float64 inputs).
+    """
 
     name: str
     token_terms: Callable[[Tensor, Tensor, Tensor, LossHParams], Terms]
     reduce: Callable[[Terms, Tensor, int, LossHParams], tuple[Tensor, Metrics]]
     hparams: tuple[str, ...]
     summary: str
+    log_prob_dtype: Callable[[LossHParams], torch.dtype | None] = lambda hp: None
 
 
 _GKD_HPARAMS = ("beta", "jsd_token_clip", "jsd_clip_mode", "top_k_loss")
@@ -468,6 +461,7 @@ METHODS: dict[str, DistillationMethod] = {
             _opsd_reduce,
             (*_GKD_HPARAMS, "use_tinker_loss", "opsd_bf16"),
             "uniform point-wise clipped forward KL, global token mean",
+            _opsd_log_prob_dtype,
         ),
         DistillationMethod(
             "pwopsd",
@@ -533,8 +527,10 @@ def compute_distillation_loss(
     spec = get_method(method)
     hp = _make_hparams(spec, hparams)
     _check_inputs(completion_ids, mask, student_logits.shape[:-1])
-    ids = torch.where(mask, completion_ids, 0)
-    terms = spec.token_terms(student_logits, teacher_logits.detach(), ids, hp)
+    dtype = spec.log_prob_dtype(hp) or _math_dtype(student_logits)
+    student_log_probs = _log_probs(student_logits, hp.temperature, dtype)
+    teacher_log_probs = _log_probs(teacher_logits.detach(), hp.temperature, dtype)
+    terms = spec.token_terms(student_log_probs, teacher_log_probs, torch.where(mask, completion_ids, 0), hp)
     terms = {name: torch.where(mask, value, 0.0) for name, value in terms.items()}
     return spec.reduce(terms, mask, global_step, hp)
 
@@ -551,10 +547,18 @@ class _ChunkSpec:
     names: tuple[str, ...] = ()  # filled in by the first chunk: the order of the Function's outputs
 
 
-def _chunk_logits(student_h: Tensor, teacher_h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Student and teacher logits of a chunk from one product with the LM head (it is read once)."""
+def _chunk_log_probs(spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """log p and log q of a chunk from one product with the LM head (read once); the logits are freed on return."""
     logits = torch.cat([student_h, teacher_h]) @ weight.T
-    return logits[: len(student_h)], logits[len(student_h) :]
+    dtype = spec.method.log_prob_dtype(spec.hp) or _math_dtype(logits)
+    # the values of _log_probs (z.to(dtype) / T), dividing the fresh product in place: no second [2·chunk, V] buffer
+    log_probs = F.log_softmax(logits.to(dtype).div_(spec.hp.temperature), dim=-1)
+    return log_probs[: len(student_h)], log_probs[len(student_h) :]
+
+
+def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
+    """Backward of z -> log_softmax(z / T): dz = (G - softmax · Σ_v G) / T."""
+    return log_probs.exp().mul_(-grad_log_probs.sum(-1, keepdim=True)).add_(grad_log_probs).div_(temperature)
 
 
 class _ChunkTokenTerms(torch.autograd.Function):
@@ -564,17 +568,17 @@ class _ChunkTokenTerms(torch.autograd.Function):
     w.r.t. the chunk's student logits is dz_t = Σ_terms g_t · ∂term_t/∂z_t, and grad_h = dz @ W, grad_W = dz^T h.
     Frozen head (the LoRA case): the forward already pulls each differentiable term back to the hidden state,
     J_t = ∂term_t/∂z_t @ W ([chunk, H]), so backward is grad_h = Σ_terms g_t · J_t, with no recomputation.
-    Trainable head: backward recomputes the chunk's logits (checkpointing) to form dz.
+    Trainable head: backward recomputes the chunk's log-probs (checkpointing) to form dz.
     """
 
     @staticmethod
     def forward(ctx, spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor, ids: Tensor):  # type: ignore[override]
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        student_logits, teacher_logits = _chunk_logits(student_h, teacher_h, weight)  # no graph: forward is no-grad
-        student_logits = student_logits.detach().requires_grad_(need_h or need_w)
+        student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h, teacher_h, weight)
+        student_log_probs = student_log_probs.detach().requires_grad_(need_h or need_w)
         with torch.set_grad_enabled(need_h or need_w):
-            terms = spec.method.token_terms(student_logits, teacher_logits, ids, spec.hp)
-        del teacher_logits
+            terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids, spec.hp)
+        del teacher_log_probs
         spec.names = names = tuple(sorted(terms))
         ctx.spec, ctx.need_h, ctx.need_w = spec, need_h, need_w
         ctx.diff = tuple(i for i, n in enumerate(names) if terms[n].requires_grad)
@@ -584,9 +588,13 @@ class _ChunkTokenTerms(torch.autograd.Function):
             diff = [terms[names[i]] for i in ctx.diff]
             jacobians = []
             for k, term in enumerate(diff):
-                (dz,) = torch.autograd.grad(term, student_logits, torch.ones_like(term), retain_graph=k + 1 < len(diff))
-                jacobians.append(dz @ weight)
-                del dz
+                (grad,) = torch.autograd.grad(
+                    term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(diff)
+                )
+                jacobians.append(
+                    _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature).to(weight.dtype) @ weight
+                )
+                del grad
             ctx.save_for_backward(*jacobians)
         outputs = tuple(terms[n].detach() for n in names)
         ctx.mark_non_differentiable(*(o for i, o in enumerate(outputs) if i not in ctx.diff))
@@ -601,16 +609,16 @@ class _ChunkTokenTerms(torch.autograd.Function):
             grad_h = sum(gi.unsqueeze(-1) * jac for gi, jac in zip(g, jacobians)) if g else None
             return None, None if grad_h is None else grad_h.to(jacobians[0].dtype), None, None, None
         student_h, teacher_h, weight, ids = ctx.saved_tensors
-        student_logits, teacher_logits = _chunk_logits(student_h, teacher_h, weight)
-        student_logits = student_logits.detach().requires_grad_()
+        student_log_probs, teacher_log_probs = _chunk_log_probs(ctx.spec, student_h, teacher_h, weight)
+        student_log_probs = student_log_probs.detach().requires_grad_()
         with torch.enable_grad():
-            terms = ctx.spec.method.token_terms(student_logits, teacher_logits, ids, ctx.spec.hp)
-            del teacher_logits
-            outs = [terms[ctx.spec.names[i]] for i in ctx.diff]
-            (dz,) = torch.autograd.grad(outs, student_logits, g)
-        del terms, outs, student_logits
-        grad_h = dz @ weight if ctx.need_h else None
-        return None, grad_h, None, dz.T @ student_h, None
+            terms = ctx.spec.method.token_terms(student_log_probs, teacher_log_probs, ids, ctx.spec.hp)
+            del teacher_log_probs
+            (grad,) = torch.autograd.grad([terms[ctx.spec.names[i]] for i in ctx.diff], student_log_probs, g)
+        del terms
+        dz = _logit_grad(grad, student_log_probs.detach(), ctx.spec.hp.temperature).to(weight.dtype)
+        del grad, student_log_probs
+        return None, dz @ weight if ctx.need_h else None, None, dz.T @ student_h, None
 
 
 def chunked_distillation_loss(

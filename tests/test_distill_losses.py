@@ -328,17 +328,15 @@ def test_reopold_floor_and_phase_vectors():
     assert module_loss_and_grad("reopold", batch, 49)[2]["reopold/floor"] == pytest.approx(-2.5584, abs=1e-4)
 
 
-def log_probs_as_logits(*probs):
+def log_probs(*probs):
     return torch.tensor(probs, dtype=F64).log()
 
 
 def test_pointwise_clip_vector_two_entries():
-    q, p = log_probs_as_logits(0.5, 0.5), log_probs_as_logits(0.9, 0.1)
-    unclipped = gkd_token_loss(p, q, temperature=1.0, beta=0.0, clip=0.0)
-    clipped = gkd_token_loss(p, q, temperature=1.0, beta=0.0, clip=0.05)
-    assert unclipped.item() == pytest.approx(0.5108, abs=1e-4)
-    assert clipped.item() == pytest.approx(-0.2439, abs=1e-4)
-    # through the public loss: one valid token, T = 1
+    q, p = log_probs(0.5, 0.5), log_probs(0.9, 0.1)
+    assert gkd_token_loss(p, q, beta=0.0, clip=0.0).item() == pytest.approx(0.5108, abs=1e-4)
+    assert gkd_token_loss(p, q, beta=0.0, clip=0.05).item() == pytest.approx(-0.2439, abs=1e-4)
+    # through the public loss: one valid token, logits = log-probs at T = 1
     ids, mask = torch.tensor([[0]]), torch.tensor([[True]])
     loss, metrics = compute_distillation_loss("opsd", p[None, None], q[None, None], ids, mask, temperature=1.0)
     assert loss.item() == pytest.approx(-0.2439, abs=1e-4)
@@ -346,13 +344,15 @@ def test_pointwise_clip_vector_two_entries():
 
 
 def test_pointwise_clip_vector_three_entries():
-    q, p = log_probs_as_logits(0.7, 0.2, 0.1), log_probs_as_logits(0.2, 0.3, 0.5)
-    terms = gkd_element_terms(torch.log_softmax(p, -1), torch.log_softmax(q, -1), 0.0)
+    q, p = log_probs(0.7, 0.2, 0.1), log_probs(0.2, 0.3, 0.5)
+    terms = gkd_element_terms(p, q, 0.0)
     torch.testing.assert_close(terms, torch.tensor([0.8769, -0.0811, -0.1609], dtype=F64), atol=1e-4, rtol=0)
-    assert gkd_token_loss(p, q, temperature=1.0, beta=0.0, clip=0.05).item() == pytest.approx(-0.1920, abs=1e-4)
+    assert gkd_token_loss(p, q, beta=0.0, clip=0.05).item() == pytest.approx(-0.1920, abs=1e-4)
     # clipped entries pass no gradient: dℓ/dz_S(j) = (1/T)[p(j) Σ_{v∈U} q(v) - q(j) 1[j∈U]], U = unclipped entries
-    z = p.clone().requires_grad_()
-    gkd_token_loss(z, q, temperature=1.0, beta=0.0, clip=0.05).backward()
+    z = p.clone().requires_grad_()  # logits at T = 1
+    loss, _ = compute_distillation_loss("opsd", z[None, None], q[None, None], torch.tensor([[0]]),
+                                        torch.tensor([[True]]), temperature=1.0)  # fmt: skip
+    loss.backward()
     prob_p, prob_q, unclipped = p.exp(), q.exp(), torch.tensor([False, True, True])
     expected = prob_p * prob_q[unclipped].sum() - prob_q * unclipped
     torch.testing.assert_close(z.grad, expected)
