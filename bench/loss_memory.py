@@ -93,7 +93,7 @@ def run_worker(cfg: dict) -> dict:
                 global_step=step,
             )
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     gc.collect()
     if device.type == "cuda":

@@ -187,8 +187,8 @@ def gkd_element_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, beta
       else:  log M = logaddexp(log p + log(1-β), log q + log β)
              d = β q (log q - log M) + (1-β) p (log p - log M)
     """
-    if beta == 0:
-        return teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)
+    if beta == 0:  # in place on the fresh difference: one [..., V] buffer fewer (autograd keeps only q)
+        return (teacher_log_probs - student_log_probs).mul_(teacher_log_probs.exp())
     if beta == 1:
         return student_log_probs.exp() * (student_log_probs - teacher_log_probs)
     log_mix = torch.logaddexp(student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta))
@@ -219,7 +219,7 @@ def gkd_token_loss(
         teacher_log_probs = F.log_softmax(teacher_top, dim=-1)
     d = gkd_element_terms(student_log_probs, teacher_log_probs, beta)
     if clip > 0 and clip_mode == "pointwise":
-        d = torch.where(d <= clip, d, clip)  # = min(d, c); keeps a bool mask for backward, not d
+        d = d.masked_fill_(d > clip, clip)  # min(d, c) in place on the fresh d; backward keeps the bool mask only
     loss = d.sum(-1)
     if clip > 0 and clip_mode == "token":
         loss = loss.clamp(max=clip)
@@ -551,9 +551,10 @@ def _chunk_log_probs(spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, wei
     """log p and log q of a chunk from one product with the LM head (read once); the logits are freed on return."""
     logits = torch.cat([student_h, teacher_h]) @ weight.T
     dtype = spec.method.log_prob_dtype(spec.hp) or _math_dtype(logits)
-    # the values of _log_probs (z.to(dtype) / T), dividing the fresh product in place: no second [2·chunk, V] buffer
-    log_probs = F.log_softmax(logits.to(dtype).div_(spec.hp.temperature), dim=-1)
-    return log_probs[: len(student_h)], log_probs[len(student_h) :]
+    # the values of _log_probs (z.to(dtype) / T), dividing the fresh product in place: no second [2·chunk, V] buffer;
+    # two separate outputs, so the teacher's can be freed before the backward
+    scaled = logits.to(dtype).div_(spec.hp.temperature)
+    return F.log_softmax(scaled[: len(student_h)], dim=-1), F.log_softmax(scaled[len(student_h) :], dim=-1)
 
 
 def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
