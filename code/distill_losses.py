@@ -544,7 +544,8 @@ def compute_distillation_loss(
 class _ChunkSpec:
     method: DistillationMethod
     hp: LossHParams
-    names: tuple[str, ...] = ()  # filled in by the first chunk: the order of the Function's outputs
+    chunk_size: int
+    names: tuple[str, ...] = ()  # filled in by the forward: the order of the Function's outputs
 
 
 def _chunk_log_probs(spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -562,64 +563,82 @@ def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -
     return log_probs.exp().mul_(-grad_log_probs.sum(-1, keepdim=True)).add_(grad_log_probs).div_(temperature)
 
 
-class _ChunkTokenTerms(torch.autograd.Function):
-    """``token_terms`` of a chunk of tokens, projecting ``hidden @ W.T`` inside; never keeps the [chunk, V] logits.
+class _ChunkedTokenTerms(torch.autograd.Function):
+    """``token_terms`` of N tokens, ``chunk_size`` at a time, projecting ``hidden @ W.T`` inside each chunk.
 
-    The teacher is a constant. Every per-token term depends on its own position only, so the gradient of the loss
-    w.r.t. the chunk's student logits is dz_t = Σ_terms g_t · ∂term_t/∂z_t, and grad_h = dz @ W, grad_W = dz^T h.
+    The teacher is a constant. Every per-token term depends on its own position only, so the loss gradient w.r.t. the
+    student logits of token t is dz_t = Σ_terms g_t · ∂term_t/∂z_t, and grad_h = dz @ W, grad_W = Σ_chunks dz^T h.
     Frozen head (the LoRA case): the forward already pulls each differentiable term back to the hidden state,
-    J_t = ∂term_t/∂z_t @ W ([chunk, H]), so backward is grad_h = Σ_terms g_t · J_t, with no recomputation.
-    Trainable head: backward recomputes the chunk's log-probs (checkpointing) to form dz.
+    J_t = ∂term_t/∂z_t @ W ([N, H] per term), so backward is grad_h = Σ_terms g_t · J_t, with no recomputation.
+    Trainable head: backward recomputes each chunk's log-probs (checkpointing) and accumulates grad_W in place.
+    Only one chunk's [chunk_size, V] tensors exist at any time.
     """
 
     @staticmethod
     def forward(ctx, spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor, ids: Tensor):  # type: ignore[override]
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h, teacher_h, weight)
-        student_log_probs = student_log_probs.detach().requires_grad_(need_h or need_w)
-        with torch.set_grad_enabled(need_h or need_w):
-            terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids, spec.hp)
-        del teacher_log_probs
-        spec.names = names = tuple(sorted(terms))
         ctx.spec, ctx.need_h, ctx.need_w = spec, need_h, need_w
-        ctx.diff = tuple(i for i, n in enumerate(names) if terms[n].requires_grad)
+        pieces, jacobians = [], []
+        # an empty micro-batch still runs one (empty) chunk: the outputs exist and the zero loss keeps its graph
+        for start in range(0, max(len(ids), 1), spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h[rows], teacher_h[rows], weight)
+            student_log_probs.requires_grad_(need_h or need_w)
+            with torch.set_grad_enabled(need_h or need_w):
+                terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids[rows], spec.hp)
+            del teacher_log_probs
+            if not spec.names:
+                spec.names = tuple(sorted(terms))
+                ctx.diff = tuple(i for i, n in enumerate(spec.names) if terms[n].requires_grad)
+            if need_h and not need_w:
+                diff = [terms[spec.names[i]] for i in ctx.diff]
+                jacobians.append([])
+                for k, term in enumerate(diff):
+                    (grad,) = torch.autograd.grad(
+                        term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(diff)
+                    )
+                    dz = _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature)
+                    del grad
+                    jacobians[-1].append(dz.to(weight.dtype) @ weight)
+                    del dz
+            pieces.append([terms[n].detach() for n in spec.names])
+            del terms, student_log_probs
         if need_w:
             ctx.save_for_backward(student_h, teacher_h, weight, ids)
         elif need_h:
-            diff = [terms[names[i]] for i in ctx.diff]
-            jacobians = []
-            for k, term in enumerate(diff):
-                (grad,) = torch.autograd.grad(
-                    term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(diff)
-                )
-                jacobians.append(
-                    _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature).to(weight.dtype) @ weight
-                )
-                del grad
-            ctx.save_for_backward(*jacobians)
-        outputs = tuple(terms[n].detach() for n in names)
+            ctx.save_for_backward(*(torch.cat([chunk[k] for chunk in jacobians]) for k in range(len(ctx.diff))))
+        outputs = tuple(torch.cat([piece[k] for piece in pieces]) for k in range(len(spec.names)))
         ctx.mark_non_differentiable(*(o for i, o in enumerate(outputs) if i not in ctx.diff))
         return outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        g = [grads[i] for i in ctx.diff]
+        spec, g = ctx.spec, [grads[i] for i in ctx.diff]
         if not ctx.need_w:
             jacobians = ctx.saved_tensors
             grad_h = sum(gi.unsqueeze(-1) * jac for gi, jac in zip(g, jacobians)) if g else None
             return None, None if grad_h is None else grad_h.to(jacobians[0].dtype), None, None, None
         student_h, teacher_h, weight, ids = ctx.saved_tensors
-        student_log_probs, teacher_log_probs = _chunk_log_probs(ctx.spec, student_h, teacher_h, weight)
-        student_log_probs = student_log_probs.detach().requires_grad_()
-        with torch.enable_grad():
-            terms = ctx.spec.method.token_terms(student_log_probs, teacher_log_probs, ids, ctx.spec.hp)
-            del teacher_log_probs
-            (grad,) = torch.autograd.grad([terms[ctx.spec.names[i]] for i in ctx.diff], student_log_probs, g)
-        del terms
-        dz = _logit_grad(grad, student_log_probs.detach(), ctx.spec.hp.temperature).to(weight.dtype)
-        del grad, student_log_probs
-        return None, dz @ weight if ctx.need_h else None, None, dz.T @ student_h, None
+        grad_h = torch.zeros_like(student_h) if ctx.need_h else None
+        grad_w = torch.zeros_like(weight)
+        for start in range(0, len(ids), spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h[rows], teacher_h[rows], weight)
+            student_log_probs.requires_grad_()
+            with torch.enable_grad():
+                terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids[rows], spec.hp)
+                del teacher_log_probs
+                outs = [terms[spec.names[i]] for i in ctx.diff]
+                (grad,) = torch.autograd.grad(outs, student_log_probs, [gi[rows] for gi in g])
+            del terms, outs
+            dz = _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature).to(weight.dtype)
+            del grad, student_log_probs
+            if grad_h is not None:
+                grad_h[rows] = dz @ weight
+            grad_w.addmm_(dz.T, student_h[rows].to(weight.dtype))
+            del dz
+        return None, grad_h, None, grad_w, None
 
 
 def chunked_distillation_loss(
@@ -657,20 +676,10 @@ def chunked_distillation_loss(
     student_h = student_hidden.reshape(-1, hidden).index_select(0, valid)
     teacher_h = teacher_hidden.detach().reshape(-1, hidden).index_select(0, valid)
     ids = completion_ids.reshape(-1).index_select(0, valid)
-    chunk_spec = _ChunkSpec(spec, hp)
-    pieces = [
-        _ChunkTokenTerms.apply(
-            chunk_spec,
-            student_h[i : i + chunk_size],
-            teacher_h[i : i + chunk_size],
-            lm_head_weight,
-            ids[i : i + chunk_size],
-        )
-        # an empty micro-batch still runs one (empty) chunk, so the zero loss is attached to the graph
-        for i in range(0, max(valid.numel(), 1), chunk_size)
-    ]
-    terms = {}
-    for k, name in enumerate(chunk_spec.names):
-        values = torch.cat([p[k] for p in pieces])
-        terms[name] = values.new_zeros(mask.numel()).index_copy(0, valid, values).view(mask.shape)
+    chunk_spec = _ChunkSpec(spec, hp, chunk_size)
+    outputs = _ChunkedTokenTerms.apply(chunk_spec, student_h, teacher_h, lm_head_weight, ids)
+    terms = {
+        name: values.new_zeros(mask.numel()).index_copy(0, valid, values).view(mask.shape)
+        for name, values in zip(chunk_spec.names, outputs)
+    }
     return spec.reduce(terms, mask, global_step, hp)
