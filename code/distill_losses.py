@@ -563,6 +563,17 @@ def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -
     return log_probs.exp().mul_(-grad_log_probs.sum(-1, keepdim=True)).add_(grad_log_probs).div_(temperature)
 
 
+def _hidden_jacobians(
+    terms: list[Tensor], student_log_probs: Tensor, weight: Tensor, temperature: float
+) -> list[Tensor]:
+    """J_t = ∂term_t/∂z_t @ W ([chunk, H]) of each per-token term (z = hidden @ W.T, log p = log_softmax(z / T))."""
+    jacobians = []
+    for k, term in enumerate(terms):
+        (grad,) = torch.autograd.grad(term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(terms))
+        jacobians.append(_logit_grad(grad, student_log_probs.detach(), temperature).to(weight.dtype) @ weight)
+    return jacobians
+
+
 class _ChunkedTokenTerms(torch.autograd.Function):
     """``token_terms`` of N tokens, ``chunk_size`` at a time, projecting ``hidden @ W.T`` inside each chunk.
 
@@ -592,17 +603,10 @@ class _ChunkedTokenTerms(torch.autograd.Function):
                 ctx.diff = tuple(i for i, n in enumerate(spec.names) if terms[n].requires_grad)
             if need_h and not need_w:
                 diff = [terms[spec.names[i]] for i in ctx.diff]
-                jacobians.append([])
-                for k, term in enumerate(diff):
-                    (grad,) = torch.autograd.grad(
-                        term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(diff)
-                    )
-                    dz = _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature)
-                    del grad
-                    jacobians[-1].append(dz.to(weight.dtype) @ weight)
-                    del dz
+                jacobians.append(_hidden_jacobians(diff, student_log_probs, weight, spec.hp.temperature))
+                del diff
             pieces.append([terms[n].detach() for n in spec.names])
-            del terms, student_log_probs
+            del terms, student_log_probs  # this chunk's graph goes before the next chunk is projected
         if need_w:
             ctx.save_for_backward(student_h, teacher_h, weight, ids)
         elif need_h:
