@@ -25,7 +25,7 @@ Graders (`--grader`):
 from __future__ import annotations
 
 import contextlib
-import functools
+import gc
 import json
 import logging
 import os
@@ -49,6 +49,7 @@ NO_BOXED_ANSWER = "[No boxed answer found]"
 GRADERS = ("reference", "strict")
 DEFAULT_TIMEOUT_S = 5.0
 _WORKER_START_TIMEOUT_S = 120.0
+_JOBS_PER_WORKER = 2  # jobs queued on a worker, so that it starts the next one without waiting for the parent
 WORKER_MEMORY_LIMIT_BYTES = 4 << 30  # address space of one grading worker: a runaway answer fails, the machine lives
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,12 +110,122 @@ def _dollar_wrap(text: str) -> str:
     return text if "$" in text else f"${text}$"
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _parse(wrapped: str) -> tuple[Any, ...]:
-    """`math_verify.parse(..., fallback_mode="no_fallback")` with its signal time limit off (cached: deterministic)."""
+_PARSE_CACHE_SIZE = 1 << 16
+_parse_cache: dict[str, Any] = {}  # wrapped string -> parse result, exception, or _PARSE_AFRESH
+_PARSE_AFRESH = object()
+
+
+def _rewritable(parsed: Any) -> bool:
+    """Whether a parse result contains latex2sympy2's `And` (a chain such as `0<x<12.5`, or `x=1 \\text{ and } y=2`).
+
+    latex2sympy2 keeps the written order of an `And`'s relations on the object (`_unsorted_args`, which math-verify
+    compares and unwraps by position), but sympy caches `And` objects, so every later construction of an equal `And`
+    (`verify` builds some, e.g. `0<x<12.5` against an interval) rewrites that order on the shared object. Such a parse
+    result is not reused: it is parsed again, as the reference does, for every comparison.
+    """
+    from latex2sympy2_extended.logic import And
+    from sympy import Basic
+    from sympy.matrices import MatrixBase
+
+    stack = list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, And):
+            return True
+        if isinstance(node, Basic):
+            stack.extend(node.args)
+        elif isinstance(node, MatrixBase):
+            stack.extend(node)
+    return False
+
+
+def _parse_now(wrapped: str) -> tuple[Any, ...] | Exception:
     from math_verify import parse
 
-    return tuple(parse(wrapped, fallback_mode="no_fallback", parsing_timeout=None))
+    try:
+        return tuple(parse(wrapped, fallback_mode="no_fallback", parsing_timeout=None))
+    except Exception as e:  # math-verify catches its own errors; this is for anything it lets through
+        return e
+
+
+def _parse(wrapped: str) -> tuple[Any, ...]:
+    """`math_verify.parse(..., fallback_mode="no_fallback")` with its signal time limit off, once per string.
+
+    Parsing is deterministic and its results are immutable sympy objects (math-verify's own parse cache hands the same
+    objects to every call as well), so each distinct string is parsed once per process; an exception is cached too and
+    raised again on every later call, exactly as a fresh parse would raise it. The exception is a result with an `And`
+    (see `_rewritable`): it is parsed afresh for every call, past math-verify's cache, so that its written order is
+    the one a fresh parse gives, whatever was compared before.
+    """
+    cached = _parse_cache.get(wrapped)
+    if cached is None:
+        cached = _parse_now(wrapped)
+        if isinstance(cached, tuple) and _rewritable(cached):
+            _parse_cache[wrapped] = cached = _PARSE_AFRESH
+        else:
+            if len(_parse_cache) >= _PARSE_CACHE_SIZE:
+                _parse_cache.clear()
+            _parse_cache[wrapped] = cached
+    if cached is _PARSE_AFRESH:
+        from math_verify.parser import parse_latex_cached
+
+        parse_latex_cached.cache_clear()  # math-verify's cache may hold the And with its order rewritten
+        cached = _parse_now(wrapped)
+    if isinstance(cached, Exception):
+        raise cached
+    return cached
+
+
+def install_fast_parsing() -> None:
+    """Speed up math-verify's LaTeX parser (latex2sympy2) without changing what it returns or raises.
+
+    Two changes, installed only in the grading worker processes (idempotent):
+
+    * SLL first. latex2sympy2 parses with ANTLR's default LL prediction, whose full-context predictions are never
+      cached and take about half of the parse time of typical answers. This is ANTLR's documented two-stage strategy:
+      SLL prediction either builds the tree that LL builds or reports a syntax error (SLL picks the smallest
+      alternative of a conflict; if LL keeps that alternative it picks it too, and if LL rules it out the SLL parse
+      must fail). latex2sympy2's error listener raises on the first syntax error, so a failed SLL attempt is simply
+      parsed again from scratch by a fresh parser in LL mode, which returns or raises exactly what latex2sympy2 does.
+    * Numbers are converted once per text: latex2sympy2's `parse_number` ends in `sympy.Number(text)`, which runs
+      sympy's string parser (an `exec` of `from sympy import *`) on every call; the result depends on the text alone
+      and sympy numbers are immutable.
+
+    `tests/test_math_grader.py` compares both parsers on thousands of strings.
+    """
+    from antlr4.atn.PredictionMode import PredictionMode
+    from latex2sympy2_extended import latex2sympy2
+
+    base = latex2sympy2._Latex2Sympy
+    if getattr(base, "fast_parsing", False):
+        return
+    numbers: dict[str, Any] = {}
+
+    class FastLatex2Sympy(base):  # type: ignore[misc, valid-type]
+        fast_parsing = True
+
+        def parse_number(self, text: str) -> Any:
+            number = numbers.get(text)
+            if number is None:
+                number = numbers[text] = base.parse_number(self, text)
+            return number
+
+        def create_parser(self, latex_str: str) -> Any:
+            parser = base.create_parser(self, latex_str)
+            parser._interp.predictionMode = PredictionMode.SLL
+            parse_sll = parser.math
+
+            def math() -> Any:
+                try:
+                    return parse_sll()
+                except Exception:
+                    return base.create_parser(self, latex_str).math()  # LL, as latex2sympy2 itself parses
+
+            parser.math = math
+            return parser
+
+    latex2sympy2._Latex2Sympy = FastLatex2Sympy
+    _parse_cache.clear()
 
 
 def _exact_rational_mismatch(gold: Any, pred: Any) -> bool:
@@ -168,6 +279,48 @@ def grade_answer(prediction: str | None, gold: str, grader: str = "reference") -
         return squash(pred_text) == squash(gold_text)
 
 
+# Generic answer shapes (not taken from any benchmark) graded once by each worker pool before it takes work: this
+# imports sympy's lazily loaded modules (simplify, sets, solvers, matrices) and fills ANTLR's prediction cache (DFA)
+# for common LaTeX constructs once in the zygote, instead of once in every worker. Verdicts do not depend on it.
+WARM_UP_PAIRS: tuple[tuple[str, str], ...] = (
+    ("0.5", "\\frac{1}{2}"),
+    ("2\\sqrt{3}", "\\frac{\\sqrt{2}}{2}"),
+    ("3\\pi", "\\dfrac{\\pi}{6}"),
+    ("x^2+1", "(x+1)^2"),
+    ("(1, 2)", "[1, 2)"),
+    ("(-\\infty, 3] \\cup [5, \\infty)", "(-\\infty, 3)"),
+    ("\\{1, 2\\}", "\\{2, 3\\}"),
+    ("1, 2, 3", "3, 2, 1"),
+    ("x = 4", "-4"),
+    ("y = 2x + 1", "2x - y + 1 = 0"),
+    ("x < 5", "(-\\infty, 5)"),
+    ("50\\%", "0.25"),
+    ("30^\\circ", "\\frac{\\pi}{6}"),
+    ("10\\text{ cm}", "12"),
+    ("\\text{(B)}", "\\text{yes}"),
+    ("2^{10}", "1000"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("e^{2}", "7.389"),
+    ("5!", "\\binom{5}{2}"),
+    ("1+2i", "1-2i"),
+    ("12,000", "\\log_2 8"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, 90)"),
+    ("\\sqrt[3]{4}", "a^2 b"),
+    ("-\\frac{5}{3}", "\\infty"),
+)
+
+
+def warm_up(grader: str = "reference", grade: Callable[[str, str], bool] | None = None) -> None:
+    """Grade `WARM_UP_PAIRS` in both orders with `grade` (default: `grade_answer` with `grader`); results unused."""
+    for a, b in WARM_UP_PAIRS:
+        if grade is None:
+            grade_answer(a, b, grader)
+            grade_answer(b, a, grader)
+        else:
+            grade(a, b)
+            grade(b, a)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Clustering and the majority vote (SPEC §7.7)
 
@@ -189,7 +342,9 @@ class MajorityVote:
     winner: int | None
 
 
-def majority_vote(predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn) -> MajorityVote:
+def majority_vote(
+    predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn
+) -> MajorityVote:
     """Clustered Maj@N with an INVALID cluster (SPEC §7.7).
 
     In generation order: an unformatted sample joins the single INVALID cluster; a formatted sample joins the first
@@ -233,7 +388,9 @@ class ProblemGrade:
     majority: MajorityVote
 
 
-def grade_problem(predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn) -> ProblemGrade:
+def grade_problem(
+    predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn
+) -> ProblemGrade:
     """Grade every sample of one problem against `gold`, then take the clustered majority vote."""
     correct = tuple(bool(ok and grade(pred, gold)) for pred, ok in zip(predictions, formatted))
     return ProblemGrade(correct=correct, majority=majority_vote(predictions, formatted, gold, grade))
@@ -277,6 +434,7 @@ def _serve(sock: socket.socket, grader: str) -> None:
             graded = grade_problem(*job["problem"], grade=grade)
             result = {"correct": graded.correct, "majority": asdict(graded.majority)}
         result["new"] = new
+        result["cpu"] = time.process_time()  # this worker's CPU seconds so far (statistics)
         sock.sendall(b"D " + json.dumps(result).encode() + b"\n")
 
 
@@ -297,7 +455,12 @@ def _zygote(control_fd: int, grader: str) -> None:
     control = socket.socket(fileno=control_fd)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    grade_answer("1", "1", grader)  # imports and the LaTeX grammar, before any worker exists
+    install_fast_parsing()
+    warm_up(grader)  # imports, sympy's lazy modules and the parser's prediction cache, before any worker exists
+    # Workers allocate many short-lived sympy objects: collect less often, and never scan what they inherit (which
+    # would also copy the zygote's memory pages into every worker).
+    gc.freeze()
+    gc.set_threshold(100_000, 10, 10)
 
     def reap(block: bool) -> None:
         with contextlib.suppress(ChildProcessError):
@@ -366,9 +529,10 @@ class _Worker:
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock, self.pid, self.fd = sock, pid, sock.fileno()
         self.buffer = b""
-        self.job: int | None = None  # index of the job it runs
+        self.jobs: deque[int] = deque()  # indices of the jobs sent to it and not yet answered, oldest (running) first
         self.call: tuple[str, str] | None = None  # comparison in progress
         self.call_started = 0.0
+        self.cpu_s = 0.0  # CPU seconds it last reported
 
     def send(self, payload: bytes) -> bool:
         """Send one job line; False if the worker is gone."""
@@ -429,6 +593,22 @@ class MathGrader:
         self._lock = threading.Lock()
         self._zygote: _Zygote | None = _Zygote(grader)  # starts warming up now; workers are forked on first use
         self._workers: list[_Worker] = []
+        self._retired_cpu_s = 0.0  # CPU seconds of workers replaced so far
+
+    def start(self) -> MathGrader:
+        """Fork the workers now, waiting for the pool's warm-up, so that the first grading call starts at once."""
+        if self._zygote is None:
+            raise RuntimeError("this MathGrader is closed")
+        with self._lock:
+            while len(self._workers) < self.num_workers:
+                self._workers.append(self._zygote.fork())
+        return self
+
+    @property
+    def worker_cpu_s(self) -> float:
+        """CPU seconds the workers have used on jobs so far, as they last reported them (a killed worker's last job
+        is not counted)."""
+        return self._retired_cpu_s + sum(w.cpu_s for w in self._workers)
 
     @property
     def cache_size(self) -> int:
@@ -479,7 +659,7 @@ class MathGrader:
     def close(self) -> None:
         workers, self._workers = self._workers, []
         for worker in workers:
-            worker.close(kill=worker.job is not None)  # a busy worker (an error interrupted a run) is killed
+            worker.close(kill=bool(worker.jobs))  # a busy worker (an error interrupted a run) is killed
         zygote, self._zygote = self._zygote, None
         if zygote is not None:
             zygote.close()
@@ -502,6 +682,7 @@ class MathGrader:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.close(kill=True)
+        self._retired_cpu_s += worker.cpu_s
         assert self._zygote is not None
         fresh = self._zygote.fork()
         self._workers[self._workers.index(worker)] = fresh
@@ -521,9 +702,10 @@ class MathGrader:
             failures: Counter[int] = Counter()
 
             def requeue(worker: _Worker, why: str) -> None:
-                job = worker.job
-                if job is None:
+                """Put the worker's outstanding jobs back at the front of the queue, in order."""
+                if not worker.jobs:
                     return
+                job = worker.jobs[0]
                 if worker.call is not None:  # the comparison in flight is the culprit: not equivalent
                     self._cache[worker.call] = False
                     self.timeouts += 1
@@ -533,22 +715,26 @@ class MathGrader:
                     failures[job] += 1
                     if failures[job] > 2:
                         raise RuntimeError(f"grading worker keeps failing on job {job} ({why})")
-                pending.appendleft(job)
+                pending.extendleft(reversed(worker.jobs))
+                worker.jobs.clear()
 
             while len(self._workers) < min(self.num_workers, len(jobs)):
                 self._workers.append(self._zygote.fork())
-            while pending or any(w.job is not None for w in self._workers):
-                for worker in list(self._workers):  # hand out work
-                    if worker.job is None and pending:
+            while pending or any(w.jobs for w in self._workers):
+                for worker in list(self._workers):  # hand out work: each worker has its next job queued
+                    while len(worker.jobs) < _JOBS_PER_WORKER and pending:
                         job = pending.popleft()
-                        worker.job, worker.call = job, None
+                        if not worker.jobs:
+                            worker.call = None
+                        worker.jobs.append(job)
                         if not worker.send(self._payload(jobs[job], strings[job])):
                             requeue(worker, "lost its worker")
                             self._replace(worker)
+                            break
                 now = time.monotonic()
                 deadlines = [w.call_started + self.timeout_seconds for w in self._workers if w.call is not None]
                 wait = max(0.0, min(deadlines) - now) if deadlines else None
-                busy = {w.fd: w for w in self._workers if w.job is not None}
+                busy = {w.fd: w for w in self._workers if w.jobs}
                 readable, _, _ = select.select(list(busy), [], [], wait)
                 now = time.monotonic()
                 for fd in readable:
@@ -564,11 +750,11 @@ class MathGrader:
                             worker.call, worker.call_started = (pred, gold), now
                         elif line.startswith(b"D "):
                             result = json.loads(line[2:])
+                            worker.cpu_s = result.pop("cpu")
                             for pred, gold, verdict in result.pop("new"):
                                 self._cache[(pred, gold)] = verdict
-                            assert worker.job is not None
-                            results[worker.job] = result
-                            worker.job, worker.call = None, None
+                            results[worker.jobs.popleft()] = result
+                            worker.call = None
                             bar.update(1)
                 for worker in list(self._workers):  # enforce the limits
                     if worker.call is not None and now - worker.call_started > self.timeout_seconds:

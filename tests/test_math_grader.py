@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -269,7 +271,9 @@ def test_majority_vote_matches_naive(preds_raw: list[int | None], gold: int, rel
     grade = grades[relation]
     preds = [None if p is None else str(p) for p in preds_raw]
     formatted = [p is not None for p in preds]
-    assert majority_vote(preds, formatted, str(gold), grade).correct == naive_majority(preds, formatted, str(gold), grade)
+    assert majority_vote(preds, formatted, str(gold), grade).correct == naive_majority(
+        preds, formatted, str(gold), grade
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,6 +336,120 @@ def test_timed_out_comparison_inside_a_problem_is_rerun_with_the_verdict_known()
         assert graded.correct == (True, False, True, False)
         assert graded.majority.clusters == ((0, 2), (1,), (3,)) and graded.majority.correct is True
         assert grader.timeouts >= 1
+
+
+def test_pool_keeps_verdicts_across_queued_jobs_when_a_worker_is_killed() -> None:
+    # one worker with its next job queued: the timeout kills it mid-problem; both jobs are re-run, nothing is lost
+    problems = [
+        (["5", "6", "5"], [True] * 3, "5"),
+        (["5", "10^{10^{10^{10}}}", "\\frac{10}{2}", None], [True, True, True, False], "5"),
+        (["0.5", "\\frac{1}{2}", "2"], [True] * 3, "\\frac12"),
+        (["x = 3", "3", "4", "4"], [True] * 4, "3"),
+    ]
+    with MathGrader("reference", timeout_seconds=1.0, num_workers=1) as grader:
+        graded = grader.grade_problems(problems, progress=False)
+        assert grader.timeouts == 2  # the pair in each direction (the clustering checks both)
+        assert grader.worker_cpu_s > 0
+    slow = ("10^{10^{10^{10}}}", "5")
+
+    def grade(pred: str | None, gold: str) -> bool:  # the in-process rule, with the timed-out pair not equivalent
+        return False if (pred, gold) in {slow, slow[::-1]} else grade_answer(pred, gold)
+
+    for (preds, formatted, gold), got in zip(problems, graded):
+        assert got == grade_problem(preds, formatted, gold, grade)
+    assert [sum(g.correct) for g in graded] == [2, 2, 2, 2]
+
+
+def test_start_forks_the_workers_before_any_work() -> None:
+    with MathGrader("reference", num_workers=2).start() as grader:
+        assert len(grader._workers) == 2 and grader.worker_cpu_s == 0.0
+        assert grader.grade("\\frac{1}{2}", "0.5") is True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Each string parsed once, and the workers' faster parser: the same verdicts as fresh math-verify calls
+
+
+# fmt: off
+LATEX_TOKENS = (
+    "1", "2", "0", "3.5", "x", "a", "e", "i", " ", "{", "}", "(", ")", "[", "]", r"\{", r"\}", ",", ";", "+", "-", "/",
+    "^", "_", "=", "<", "|", "!", "&", ".", r"\\", r"\,", r"\pi", r"\frac", r"\dfrac", r"\le", r"\sqrt", r"\cup",
+    r"\infty", r"\text{cm}", r"\%", r"^\circ", r"\left(", r"\right)", r"\cdot", r"\in", r"\mathbb{R}", r"\sin",
+    r"\log", r"\begin{pmatrix}", r"\end{pmatrix}", r"\mathrm{e}", r"\pm",
+)
+# fmt: on
+
+
+def _mutations(strings: list[str], count: int, seed: int) -> list[str]:
+    """Random token soup and golds with a token inserted: syntax errors, ambiguities, odd but valid LaTeX."""
+    rng = random.Random(seed)
+    soup = ["".join(rng.choice(LATEX_TOKENS) for _ in range(rng.randint(1, 10))) for _ in range(count)]
+    inserted = []
+    for text in rng.sample(strings, count):
+        i = rng.randrange(len(text) + 1)
+        inserted.append(text[:i] + rng.choice(LATEX_TOKENS) + text[i:])
+    return soup + inserted
+
+
+def test_fast_parsing_returns_and_raises_exactly_what_math_verify_does(repo_root) -> None:
+    golds = [str(json.loads(line)["answer"]) for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+    others = [
+        str(json.loads(line)["answer"])
+        for name in ("aime24", "aime25", "hmmt25")
+        for line in (DATA_DIR / f"{name}.jsonl").open(encoding="utf-8")
+    ]
+    strings = sorted(set(golds + others + _mutations(golds, 150, seed=5)))
+    payload = json.dumps(strings)
+    script = str(repo_root / "tests" / "latex_parse_dump.py")
+    runs = [
+        subprocess.Popen([sys.executable, script, *flag], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for flag in ([], ["--fast"])
+    ]
+    plain, fast = (json.loads(run.communicate(payload, timeout=600)[0]) for run in runs)
+    assert all(run.returncode == 0 for run in runs)
+    assert len(plain) == len(strings) > 600
+    raised = sum(v[0][0] == "raises" for v in plain.values())
+    assert 150 < raised < len(strings) - 300  # both the parse and the error paths are exercised
+    assert [s for s in strings if plain[s] != fast[s]] == []
+
+
+def test_cached_parses_give_the_verdicts_of_fresh_parses() -> None:
+    # every string parsed once and its objects reused by many verify calls == a fresh parse for every call
+    from latex_parse_dump import canonical
+    from math_grader import _dollar_wrap, _parse
+
+    rng = random.Random(11)
+    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+    extra = ["0.5", "\\frac{1}{2}", "50\\%", "x = 2", "(0,12.5)", "0<x<12.5", "\\{1,2\\}", "2,1", "\\text{(C)}"]
+    strings = sorted(set(rng.sample(golds, 40) + extra))
+    before = {s: canonical(_parse(_dollar_wrap(s))) for s in strings}
+    pairs = [(a, b) for a in strings for b in strings]
+    rng.shuffle(pairs)
+    pairs = pairs[:400] + [(a, a) for a in strings] + [(p, g) for p, g, _ in REFERENCE_CASES if p is not None]
+    cached = [grade_answer(pred, gold) for pred, gold in pairs]
+    assert {s: canonical(_parse(_dollar_wrap(s))) for s in strings} == before  # verify mutated nothing
+    assert cached == [naive_grade(pred, gold) for pred, gold in pairs]
+    assert 60 < sum(cached) < len(pairs) - 300
+
+
+def test_and_chains_are_parsed_afresh_for_every_comparison() -> None:
+    # The reference's history dependence: sympy shares equal `And` objects and latex2sympy2 stores the written order of
+    # a chain on them, so comparing 0<x<12.5 with an interval rewrites the order math-verify's cache hands out next.
+    from math_verify.parser import parse_latex_cached
+
+    chain, flipped, interval = "0<x<12.5", "12.5>x>0", "(0,12.5)"
+    parse_latex_cached.cache_clear()
+    assert naive_grade(flipped, chain) is False
+    assert naive_grade(interval, chain) is True
+    assert naive_grade(flipped, chain) is True  # the same pair, another verdict
+    # ours: always the verdict of a fresh parse, in process and in the pool, whatever was compared before
+    for _ in range(2):
+        assert grade_answer(flipped, chain) is False
+        assert grade_answer(interval, chain) is True
+    problems = [([interval, flipped], [True, True], chain), ([flipped, interval], [True, True], chain)]
+    with MathGrader("reference", num_workers=1) as grader:
+        graded = grader.grade_problems(problems, progress=False)
+    assert [g.correct for g in graded] == [(True, False), (False, True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
