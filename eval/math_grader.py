@@ -50,6 +50,7 @@ GRADERS = ("reference", "strict")
 DEFAULT_TIMEOUT_S = 5.0
 _WORKER_START_TIMEOUT_S = 120.0
 _JOBS_PER_WORKER = 2  # jobs queued on a worker, so that it starts the next one without waiting for the parent
+_QUEUED_JOB_MAX_BYTES = 32 << 10  # a larger job is sent to an idle worker only (it could fill a busy one's socket)
 WORKER_MEMORY_LIMIT_BYTES = 4 << 30  # address space of one grading worker: a runaway answer fails, the machine lives
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -723,11 +724,13 @@ class MathGrader:
             while pending or any(w.jobs for w in self._workers):
                 for worker in list(self._workers):  # hand out work: each worker has its next job queued
                     while len(worker.jobs) < _JOBS_PER_WORKER and pending:
-                        job = pending.popleft()
+                        payload = self._payload(jobs[pending[0]], strings[pending[0]])
+                        if worker.jobs and len(payload) > _QUEUED_JOB_MAX_BYTES:
+                            break  # a busy worker reads it only after its job, while its own messages may be unread
                         if not worker.jobs:
                             worker.call = None
-                        worker.jobs.append(job)
-                        if not worker.send(self._payload(jobs[job], strings[job])):
+                        worker.jobs.append(pending.popleft())
+                        if not worker.send(payload):
                             requeue(worker, "lost its worker")
                             self._replace(worker)
                             break

@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -358,6 +359,24 @@ def test_pool_keeps_verdicts_across_queued_jobs_when_a_worker_is_killed() -> Non
     for (preds, formatted, gold), got in zip(problems, graded):
         assert got == grade_problem(preds, formatted, gold, grade)
     assert [sum(g.correct) for g in graded] == [2, 2, 2, 2]
+
+
+def test_large_jobs_wait_for_an_idle_worker_instead_of_filling_a_busy_ones_socket() -> None:
+    # 8 distinct 40 kB answers per problem: each job and its progress messages exceed a socket buffer, so a job queued
+    # behind a busy worker would block the parent's send while the worker blocks on its own unread messages
+    problems = [([f"x${i}{j}" + "7" * 40_000 for j in range(8)], [True] * 8, "5") for i in range(3)]
+    done: list[list] = []
+    with MathGrader("reference", num_workers=1).start() as grader:
+        thread = threading.Thread(target=lambda: done.append(grader.grade_problems(problems, progress=False)))
+        thread.daemon = True
+        thread.start()
+        thread.join(timeout=120)
+        if thread.is_alive():
+            grader.close()  # unblocks the stuck send
+        assert not thread.is_alive(), "deadlock"
+    (graded,) = done
+    assert [g.correct for g in graded] == [(False,) * 8] * 3
+    assert [len(g.majority.clusters) for g in graded] == [8, 8, 8]  # none parses, none is equivalent to another
 
 
 def test_start_forks_the_workers_before_any_work() -> None:
