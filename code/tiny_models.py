@@ -201,16 +201,26 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+SMOLLM2_DTYPE = "bfloat16"  # the dtype of the released SmolLM2-135M-Instruct checkpoint
+
+
 def is_converted(out: Path) -> bool:
     """True when `out` already holds a finished conversion (config, weights, tokenizer and our marker)."""
-    return (out / ".pwopsd_converted").exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))
+    marker = out / ".pwopsd_converted"
+    if not (marker.exists() and (out / "config.json").exists() and any(out.glob("*.safetensors"))):
+        return False
+    return json.loads(marker.read_text()).get("dtype") == SMOLLM2_DTYPE
 
 
 def convert_smollm2(out: Path) -> Path:
-    """Dequantise SmolLM2-135M-Instruct from GGUF into a normal float32 checkpoint at `out` (once)."""
+    """Dequantise SmolLM2-135M-Instruct from GGUF into a normal bfloat16 checkpoint at `out` (once).
+
+    bfloat16 is the released model's dtype and what the merge writes (SPEC §6), so the demo's base and merged models
+    are evaluated alike; on a CPU with AVX512-BF16 it also generates several times faster than float32."""
     if is_converted(out):
         logger.info("SmolLM2 already converted at %s", out)
         return out
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -222,6 +232,7 @@ def convert_smollm2(out: Path) -> Path:
         del config.quantization_config  # the weights are dequantised: save them as a plain checkpoint
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict(), strict=True)
+    model = model.to(getattr(torch, SMOLLM2_DTYPE))
     model.generation_config = quantized.generation_config
     # The GGUF metadata names <|im_start|> as eos; the real tokenizer uses <|im_end|> for eos and pad.
     tokenizer.eos_token = "<|im_end|>"
@@ -232,7 +243,7 @@ def convert_smollm2(out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / ".pwopsd_converted").write_text(json.dumps({"source": gguf.name}))
+    (tmp / ".pwopsd_converted").write_text(json.dumps({"source": gguf.name, "dtype": SMOLLM2_DTYPE}))
     if out.exists():
         import shutil
 

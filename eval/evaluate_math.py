@@ -218,6 +218,10 @@ class EvalArguments:
     resume: bool = field(default=True, metadata={"help": "Resume from <output_file>.partial.jsonl."})
     grading_timeout: float = field(default=DEFAULT_TIMEOUT_S, metadata={"help": "Hard limit per comparison (s)."})
     grading_workers: int | None = field(default=None, metadata={"help": "Grading processes (default: cores, max 8)."})
+    hf_batch_size: int = field(
+        default=64,
+        metadata={"help": "transformers backend: sequences per generate call (whole problems of val_n samples each)."},
+    )
 
     def __post_init__(self) -> None:
         if self.top_p is None:
@@ -234,6 +238,7 @@ class EvalArguments:
             (self.num_samples is None or self.num_samples >= 1, f"--num_samples must be >= 1, got {self.num_samples}"),
             (self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.grading_timeout > 0, f"--grading_timeout must be > 0, got {self.grading_timeout}"),
+            (self.hf_batch_size >= 1, f"--hf_batch_size must be >= 1, got {self.hf_batch_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -373,8 +378,44 @@ def sampling_processors(args: EvalArguments, prompt_length: int) -> list[Any]:
     return processors
 
 
+class RowSampler:
+    """The last logits processor of the transformers backend: draws each row's next token from the row's own
+    `torch.Generator` and keeps only that token, so greedy decoding emits it. A row's samples therefore depend only on
+    its seed (problem, sample), never on which rows share its batch, and batched runs resume exactly."""
+
+    def __init__(self, generators: list[Any]) -> None:
+        self.generators = generators
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        # Inverse-CDF draw, batched over rows: token i is picked when cdf[i-1] <= u * total < cdf[i], i.e. with
+        # probability p_i; masked tokens (p = 0) can never be picked. One uniform per row from the row's generator.
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(dim=-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in self.generators])
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
+        keep = torch.full_like(scores, float("-inf"))
+        return keep.scatter_(1, picks, 0.0)
+
+
+def row_generators(seed: int | None, index: int, val_n: int) -> list[Any]:
+    """One generator per sample of problem `index`: seeded from (seed, index, sample), or from OS entropy if unseeded."""
+    import torch
+
+    generators = []
+    for sample in range(val_n):
+        g = torch.Generator()
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed((problem_seed(seed, index) + sample) % 2**63)
+        generators.append(g)
+    return generators
+
+
 class HFBackend:
-    """transformers generation with the vLLM sampling parameters; the N samples of a problem form one batch."""
+    """transformers generation with the vLLM sampling chain; whole problems (N samples each) are batched together,
+    up to --hf_batch_size sequences per call, prompts left-padded."""
 
     def __init__(self, args: EvalArguments, tokenizer: Any) -> None:
         import torch
@@ -400,6 +441,8 @@ class HFBackend:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        if tokenizer.pad_token_id is None:  # batched prompts are left-padded; the pad positions are masked out
+            tokenizer.pad_token_id = self.pad_id
 
     def _decode(self, ids: list[int]) -> str:
         for position, token in enumerate(ids):
@@ -415,33 +458,42 @@ class HFBackend:
 
         args = self.args
         greedy = args.temperature == 0
-        for prompt, index in tqdm(list(zip(prompts, indices)), desc="generating (transformers)"):
-            inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-            prompt_length = inputs["input_ids"].shape[1]
-            assert args.max_model_len is not None
-            budget = min(args.max_new_tokens, args.max_model_len - prompt_length)
-            if budget < 1:
-                raise UserError(f"problem {index}: the prompt ({prompt_length} tokens) does not fit --max_model_len")
-            config = GenerationConfig(  # every HF warper neutral: the vLLM chain runs in `sampling_processors`
-                do_sample=not greedy,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                repetition_penalty=1.0,
-                max_new_tokens=budget,
-                num_return_sequences=1 if greedy else args.val_n,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id,
-            )
-            if args.seed is not None:
-                torch.manual_seed(problem_seed(args.seed, index))
-            processors = [] if greedy else sampling_processors(args, prompt_length)
-            with torch.inference_mode():
-                output = self.model.generate(
-                    **inputs, generation_config=config, logits_processor=LogitsProcessorList(processors)
+        rows_per_problem = 1 if greedy else args.val_n
+        per_call = max(1, args.hf_batch_size // rows_per_problem)
+        # Fixed groups of problem indices, so a resumed run batches the remaining problems as the first run did.
+        groups: dict[int, list[tuple[str, int]]] = {}
+        for prompt, index in zip(prompts, indices):
+            groups.setdefault(index // per_call, []).append((prompt, index))
+        with tqdm(total=len(prompts), desc="generating (transformers)") as bar:
+            for group in groups.values():
+                texts_in, group_indices = zip(*group)
+                inputs = self.tokenizer(list(texts_in), return_tensors="pt", padding=True, padding_side="left")
+                prompt_length = inputs["input_ids"].shape[1]
+                assert args.max_model_len is not None
+                budget = min(args.max_new_tokens, args.max_model_len - prompt_length)
+                if budget < 1:
+                    raise UserError(f"problems {list(group_indices)}: the prompt ({prompt_length} tokens) does not "
+                                    "fit --max_model_len")
+                inputs = {k: v.repeat_interleave(rows_per_problem, dim=0).to(self.device) for k, v in inputs.items()}
+                config = GenerationConfig(  # greedy over processed scores: sampling happens in RowSampler
+                    do_sample=False,
+                    max_new_tokens=budget,
+                    eos_token_id=self.eos_ids,
+                    pad_token_id=self.pad_id,
                 )
-            texts = [self._decode(row[prompt_length:].tolist()) for row in output]
-            yield index, texts * args.val_n if greedy else texts
+                processors: list[Any] = []
+                if not greedy:
+                    generators = [g for i in group_indices for g in row_generators(args.seed, i, args.val_n)]
+                    processors = [*sampling_processors(args, prompt_length), RowSampler(generators)]
+                with torch.inference_mode():
+                    output = self.model.generate(
+                        **inputs, generation_config=config, logits_processor=LogitsProcessorList(processors)
+                    )
+                texts = [self._decode(row[prompt_length:].tolist()) for row in output]
+                for k, index in enumerate(group_indices):
+                    mine = texts[k * rows_per_problem : (k + 1) * rows_per_problem]
+                    yield index, mine * args.val_n if greedy else mine
+                    bar.update(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -276,10 +276,26 @@ def test_end_to_end_tiny_model_writes_full_schema(tiny_model_dir, tmp_path, sing
     assert texts(json.loads(other.read_text())) != texts(result)
 
 
+def test_transformers_samples_do_not_depend_on_batching(tiny_model_dir, tmp_path, single_thread) -> None:
+    """Each sample draws from its own generator seeded by (seed, problem, sample): one problem per generate call and
+    all problems in one call give the same texts, although prompts of different lengths are left-padded together."""
+    model = tiny_model_dir("qwen3")
+    common = ["--base_model", str(model), "--dataset", "hmmt25", "--num_samples", "5", "--val_n", "3",
+              "--max_new_tokens", "12", "--backend", "hf", "--seed", "7", "--temperature", "1.0"]  # fmt: skip
+    results = {}
+    for batch in ("3", "64"):
+        out = tmp_path / f"b{batch}.json"
+        assert main([*common, "--hf_batch_size", batch, "--output_file", str(out)]) == 0
+        results[batch] = json.loads(out.read_text())["results"]
+    texts = [[g["full_generation"] for g in r["generations"]] for r in results["3"]]
+    assert texts == [[g["full_generation"] for g in r["generations"]] for r in results["64"]]
+    assert all(len(set(t)) > 1 for t in texts)  # the N samples of a problem differ
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, tmp_path, single_thread) -> None:
     model = tiny_model_dir("qwen3")
     common = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "30", "--val_n", "2",
-              "--max_new_tokens", "32", "--backend", "hf", "--seed", "5"]  # fmt: skip
+              "--max_new_tokens", "32", "--backend", "hf", "--seed", "5", "--hf_batch_size", "4"]  # fmt: skip
     killed = tmp_path / "killed.json"
     partial = Path(str(killed) + ".partial.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -468,3 +484,23 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
         atomic_write_json(path, {"a": object()})  # fails half-way through serialisation
     assert json.loads(path.read_text()) == {"a": 1}
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_row_sampler_draws_from_the_processed_distribution() -> None:
+    """RowSampler picks token i with probability softmax(scores)_i (masked tokens never), one generator per row."""
+    import torch
+    from evaluate_math import RowSampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7)
+    logits[0, 2] = float("-inf")  # e.g. removed by top-p
+    probs = torch.softmax(logits, dim=-1)[0]
+    rows = 20_000
+    out = RowSampler([torch.Generator().manual_seed(i) for i in range(rows)])(None, logits.expand(rows, 7).clone())
+    picks = out.argmax(dim=-1)
+    assert torch.isinf(out).sum(dim=-1).eq(6).all()  # exactly one finite entry per row
+    freq = torch.bincount(picks, minlength=7).double() / rows
+    assert freq[2] == 0
+    assert (freq - probs.double()).abs().max() < 4 * (0.25 / rows) ** 0.5  # 4 sigma of a Bernoulli mean
+    again = RowSampler([torch.Generator().manual_seed(i) for i in range(rows)])(None, logits.expand(rows, 7).clone())
+    assert torch.equal(again.argmax(dim=-1), picks)
