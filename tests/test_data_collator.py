@@ -17,16 +17,6 @@ from data_collator import (
 from opsd_trainer import IGNORE_INDEX, build_distillation_batch, compact_position_ids, prompt_token_lists
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra OpenMP threads only contend for the shared CI cores (2 threads thrash under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 PROBLEM = "Let x be a real number. Find x."
 SOLUTION = "We compute x = 42.\nThe answer is \\boxed{42}."
 INSTR = "Please reason step by step, and put your final answer within \\boxed{}."

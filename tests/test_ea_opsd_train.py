@@ -15,16 +15,6 @@ import torch
 from opsd_trainer import OPSDConfig
 from transformers import AutoModelForCausalLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra OpenMP threads only contend for the shared CI cores (2 threads thrash under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 REPO = Path(__file__).resolve().parents[1]
 MUST_SHOW = (
     "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "

@@ -11,15 +11,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra OpenMP threads only contend for the shared CI cores (2 threads thrash under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter with non-zero weights (B is zero at init, so randomise it) saved like a training checkpoint."""

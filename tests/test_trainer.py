@@ -19,16 +19,6 @@ from opsd_trainer import ConfigError, EMATeacher, OPSDConfig, build_distillation
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra OpenMP threads only contend for the shared CI cores (2 threads thrash under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 ROWS = [
     {"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}
     for a, b in [(1, 2), (30, 4), (5, 60), (7, 8), (90, 1), (2, 22), (13, 3), (4, 44)]
