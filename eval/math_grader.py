@@ -190,10 +190,11 @@ def install_fast_parsing() -> None:
       parsed again from scratch by a fresh parser in LL mode, which returns or raises exactly what latex2sympy2 does.
     * Numbers are converted once per text: latex2sympy2's `parse_number` ends in `sympy.Number(text)`, which runs
       sympy's string parser (an `exec` of `from sympy import *`) on every call; the result depends on the text alone
-      and sympy numbers are immutable.
+      and sympy numbers are immutable. An integer is built directly (`sympy.Integer`, what the string parser builds).
 
     `tests/test_math_grader.py` compares both parsers on thousands of strings.
     """
+    import sympy
     from antlr4.atn.PredictionMode import PredictionMode
     from latex2sympy2_extended import latex2sympy2
 
@@ -208,7 +209,12 @@ def install_fast_parsing() -> None:
         def parse_number(self, text: str) -> Any:
             number = numbers.get(text)
             if number is None:
-                number = numbers[text] = base.parse_number(self, text)
+                digits = text.replace(",", "").lstrip("0") or "0"  # what latex2sympy2 hands to sympy.Number
+                if digits.isascii() and digits.isdigit() and len(digits) <= 1000:
+                    number = sympy.Integer(int(digits))  # = sympy.Number(digits), without the string parser
+                else:
+                    number = base.parse_number(self, text)
+                numbers[text] = number
             return number
 
         def create_parser(self, latex_str: str) -> Any:
