@@ -559,8 +559,8 @@ def _chunk_log_probs(spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, wei
 
 
 def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
-    """Backward of z -> log_softmax(z / T): dz = (G - softmax · Σ_v G) / T."""
-    return log_probs.exp().mul_(-grad_log_probs.sum(-1, keepdim=True)).add_(grad_log_probs).div_(temperature)
+    """Backward of z -> log_softmax(z / T): dz = (G - softmax · Σ_v G) / T (ATen's fused kernel, as autograd uses)."""
+    return torch._log_softmax_backward_data(grad_log_probs, log_probs, -1, log_probs.dtype).div_(temperature)
 
 
 def _hidden_jacobians(
