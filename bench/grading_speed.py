@@ -19,7 +19,8 @@ meanwhile. Both start-ups are measured and reported (`*_startup_s`; `speedup_inc
 grading). Each `--repeat` uses a fresh pool, while the baseline keeps its process, so its later repetitions run with
 math-verify's and sympy's caches warm (which only helps the baseline).
 `*_cpu_s` count every process of a side (ours: the parent and its workers while grading); `cpu_ratio` moves less
-than the wall-time `speedup` when other jobs load the machine.
+than the wall-time `speedup` when other jobs load the machine. `ours_busiest_worker_cpu_s` is the CPU time of the
+busiest worker: about what ours' wall time would be with a free core per worker.
 
 Last line: one JSON object {"baseline_s", "ours_s", "speedup", "identical", ...}; `identical` means the same
 per-problem correct counts and majority outcomes.
@@ -194,6 +195,7 @@ def main() -> int:
             if elapsed < ours_s:
                 ours_s, ours_startup_s = elapsed, startup_s
                 ours_cpu_s = time.process_time() - cpu + grader.worker_cpu_s - worker_cpu
+                busiest_s = grader.busiest_worker_cpu_s
     ours = [(sum(g.correct), g.majority.correct) for g in graded]
 
     mismatches = [i for i, (a, b) in enumerate(zip(baseline, ours)) if a != b]
@@ -211,6 +213,7 @@ def main() -> int:
         "baseline_cpu_s": round(baseline_cpu_s, 3),
         "ours_cpu_s": round(ours_cpu_s, 3),
         "cpu_ratio": round(baseline_cpu_s / ours_cpu_s, 2),
+        "ours_busiest_worker_cpu_s": round(busiest_s, 3),
         "ours_startup_s": round(ours_startup_s, 3),
         "baseline_startup_s": round(baseline_startup_s, 3),
         "speedup_incl_startup": round((baseline_startup_s + baseline_s) / (ours_startup_s + ours_s), 2),

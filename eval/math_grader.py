@@ -618,6 +618,12 @@ class MathGrader:
         return self._retired_cpu_s + sum(w.cpu_s for w in self._workers)
 
     @property
+    def busiest_worker_cpu_s(self) -> float:
+        """CPU seconds of the live worker that has used the most so far: with a free core per worker, the grading
+        would take about this long."""
+        return max((w.cpu_s for w in self._workers), default=0.0)
+
+    @property
     def cache_size(self) -> int:
         """Distinct (prediction, gold) pairs graded so far."""
         return len(self._cache)
