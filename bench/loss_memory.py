@@ -6,9 +6,10 @@ on the same hidden states. Each (method, variant, head) runs in its own subproce
 
 Memory is the loss's own working memory: the peak above the process's level once the model-free inputs (hidden
 states, LM head, ids, mask) exist and one warm-up pass has initialised the libraries: peak RSS on CPU (VmHWM after
-resetting it through /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on a GPU. Time is the best of
-``--repeats`` forward + backward passes, best again over ``--rounds`` alternating dense/chunked subprocess rounds (the
-machine is shared); the process CPU time (user + sys, all threads) is printed beside it. All tokens are valid (the
+resetting it through /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on a GPU. On CPU the workers run with
+``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc's allocator would otherwise keep some freed buffers, making the peak vary
+by tens of MB between identical runs). Time is the best of ``--repeats`` forward + backward passes, best again over
+``--rounds`` alternating dense/chunked subprocess rounds (the machine is shared); the process CPU time (user + sys, all threads) is printed beside it. All tokens are valid (the
 chunked path skips padding, so this is its worst case) and REOPOLD runs its phase II (entropy quantile). The LM head
 is frozen (LoRA training); ``--trainable-methods`` adds rows with a trainable head (default: opsd).
 
@@ -145,8 +146,12 @@ def run_variant(args: argparse.Namespace, method: str, variant: str, trainable: 
         "chunk_size": args.chunk_size,
         "repeats": args.repeats,
     }
+    # A fixed glibc mmap threshold: every buffer over 1 MiB is mapped on allocation and unmapped on free. With the
+    # default dynamic threshold, freed [chunk, V] buffers may stay in the heap, so the peak RSS of the same pass varied
+    # by +-40 MB between runs; fixed, it is reproducible to 0.1 MB (both variants run under it).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False, env=env
     )
     if proc.returncode != 0:
         sys.exit(f"worker {method}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
