@@ -102,7 +102,7 @@ def run_worker(cfg: dict) -> dict:
     sys.path.insert(0, str(ROOT / "code"))
     from datasets import Dataset
     from ea_opsd_trainer import EAOPSDTrainer
-    from opsd_trainer import OPSDConfig, build_distillation_batch
+    from opsd_trainer import OPSDConfig, distillation_batch_from_collated
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,20 +160,11 @@ def run_worker(cfg: dict) -> dict:
     for _ in range(2):
         ids = torch.randint(0, vocab, (loss_T,), generator=gen).tolist()
         completions.append([i if i not in special else 10 for i in ids])
-    batch = build_distillation_batch(
-        student_prompts=prompts["student_prompts"],
-        student_prompt_attention_mask=prompts["student_prompt_attention_mask"],
-        student_prompt_lengths=prompts["student_prompt_lengths_per_example"],
-        teacher_prompts=prompts["teacher_prompts"],
-        teacher_prompt_attention_mask=prompts["teacher_prompt_attention_mask"],
-        completions=completions,
-        max_completion_length=loss_T,
-        pad_token_id=trainer.pad_token_id,
+    batch = distillation_batch_from_collated(
+        prompts, completions, max_completion_length=loss_T, pad_token_id=trainer.pad_token_id
     )
     device = trainer.accelerator.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    batch["student_prompt_length"] = prompts["student_prompt_length"]
-    batch["teacher_prompt_length"] = prompts["teacher_prompt_length"]
     model = trainer.model
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)

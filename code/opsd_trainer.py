@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +366,36 @@ def build_distillation_batch(
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher modes (SPEC §4.4)
 # ---------------------------------------------------------------------------------------------------------------
+def distillation_batch_from_collated(
+    collated: Mapping[str, Any],
+    completions: Sequence[Sequence[int]],
+    *,
+    max_completion_length: int,
+    pad_token_id: int,
+    eos_mask: str = "pad_id",
+    prompt_padding: str = "right",
+) -> dict[str, Any]:
+    """:func:`build_distillation_batch` of a collator output (:class:`SelfDistillationDataCollator`) and completions.
+
+    Maps the collator's keys to the arguments and carries its ``student_prompt_length``/``teacher_prompt_length``.
+    """
+    batch = build_distillation_batch(
+        student_prompts=collated["student_prompts"],
+        student_prompt_attention_mask=collated["student_prompt_attention_mask"],
+        student_prompt_lengths=collated["student_prompt_lengths_per_example"],
+        teacher_prompts=collated["teacher_prompts"],
+        teacher_prompt_attention_mask=collated["teacher_prompt_attention_mask"],
+        completions=completions,
+        max_completion_length=max_completion_length,
+        pad_token_id=pad_token_id,
+        eos_mask=eos_mask,
+        prompt_padding=prompt_padding,
+    )
+    batch["student_prompt_length"] = collated["student_prompt_length"]
+    batch["teacher_prompt_length"] = collated["teacher_prompt_length"]
+    return batch
+
+
 class EMATeacher:
     """EMA of the trainable parameters: `ema <- d*ema + (1-d)*theta` after each optimizer step.
 
@@ -664,20 +694,14 @@ class OPSDTrainer(SFTTrainer):
         prompts = prompt_token_lists(inputs["student_prompts"], inputs["student_prompt_attention_mask"])
         if completions is None:
             completions = self._generate(prompts)
-        batch = build_distillation_batch(
-            student_prompts=inputs["student_prompts"],
-            student_prompt_attention_mask=inputs["student_prompt_attention_mask"],
-            student_prompt_lengths=inputs["student_prompt_lengths_per_example"],
-            teacher_prompts=inputs["teacher_prompts"],
-            teacher_prompt_attention_mask=inputs["teacher_prompt_attention_mask"],
-            completions=completions,
+        batch = distillation_batch_from_collated(
+            inputs,
+            completions,
             max_completion_length=self.args.max_completion_length,
             pad_token_id=self.pad_token_id,
             eos_mask=self.args.eos_mask,
             prompt_padding=self.args.prompt_padding,
         )
-        batch["student_prompt_length"] = inputs["student_prompt_length"]
-        batch["teacher_prompt_length"] = inputs["teacher_prompt_length"]
         self._record_completion_metrics(completions)
         if self.args.generations_dump_steps:
             self._buffer_generations(prompts, completions)

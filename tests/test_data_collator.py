@@ -14,7 +14,13 @@ from data_collator import (
     teacher_message,
     teacher_prompt_text,
 )
-from opsd_trainer import IGNORE_INDEX, build_distillation_batch, compact_position_ids, prompt_token_lists
+from opsd_trainer import (
+    IGNORE_INDEX,
+    build_distillation_batch,
+    compact_position_ids,
+    distillation_batch_from_collated,
+    prompt_token_lists,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROBLEM = "Let x be a real number. Find x."
@@ -270,16 +276,8 @@ def test_left_padding_logits_equal_unpadded_forward(tiny_model_dir):
     results = {}
     for side in ("left", "right"):
         batch = SelfDistillationDataCollator(tok, padding_side=side)(rows)
-        out = build_distillation_batch(
-            student_prompts=batch["student_prompts"],
-            student_prompt_attention_mask=batch["student_prompt_attention_mask"],
-            student_prompt_lengths=batch["student_prompt_lengths_per_example"],
-            teacher_prompts=batch["teacher_prompts"],
-            teacher_prompt_attention_mask=batch["teacher_prompt_attention_mask"],
-            completions=completions,
-            max_completion_length=3,
-            pad_token_id=tok.pad_token_id,
-            prompt_padding=side,
+        out = distillation_batch_from_collated(
+            batch, completions, max_completion_length=3, pad_token_id=tok.pad_token_id, prompt_padding=side
         )
         kwargs = {"input_ids": out["student_input_ids"], "attention_mask": out["student_attention_mask"]}
         if out["student_position_ids"] is not None:

@@ -15,7 +15,13 @@ from data_collator import SelfDistillationDataCollator
 from datasets import Dataset
 from distill_losses import METHODS
 from ea_opsd_trainer import EAOPSDTrainer
-from opsd_trainer import ConfigError, EMATeacher, OPSDConfig, build_distillation_batch
+from opsd_trainer import (
+    ConfigError,
+    EMATeacher,
+    OPSDConfig,
+    build_distillation_batch,
+    distillation_batch_from_collated,
+)
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,21 +85,14 @@ def split_params(model) -> tuple[dict, dict]:
 def fixed_batch(trainer: EAOPSDTrainer, completions: list[list[int]]) -> dict:
     """A deterministic micro-batch (no sampling): collator output + given completions."""
     prompts = trainer.data_collator(ROWS[: len(completions)])
-    batch = build_distillation_batch(
-        student_prompts=prompts["student_prompts"],
-        student_prompt_attention_mask=prompts["student_prompt_attention_mask"],
-        student_prompt_lengths=prompts["student_prompt_lengths_per_example"],
-        teacher_prompts=prompts["teacher_prompts"],
-        teacher_prompt_attention_mask=prompts["teacher_prompt_attention_mask"],
-        completions=completions,
+    return distillation_batch_from_collated(
+        prompts,
+        completions,
         max_completion_length=trainer.args.max_completion_length,
         pad_token_id=trainer.pad_token_id,
         eos_mask=trainer.args.eos_mask,
         prompt_padding=trainer.args.prompt_padding,
     )
-    batch["student_prompt_length"] = prompts["student_prompt_length"]
-    batch["teacher_prompt_length"] = prompts["teacher_prompt_length"]
-    return batch
 
 
 def randomize_lora(model, seed: int = 0) -> None:
