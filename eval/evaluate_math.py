@@ -238,6 +238,10 @@ class EvalArguments:
             (self.num_samples is None or self.num_samples >= 1, f"--num_samples must be >= 1, got {self.num_samples}"),
             (self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.grading_timeout > 0, f"--grading_timeout must be > 0, got {self.grading_timeout}"),
+            (
+                self.grading_workers is None or self.grading_workers >= 1,
+                f"--grading_workers must be >= 1, got {self.grading_workers}",
+            ),
             (self.hf_batch_size >= 1, f"--hf_batch_size must be >= 1, got {self.hf_batch_size}"),
         ]
         for ok, message in checks:

@@ -592,9 +592,11 @@ class MathGrader:
             raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
         if timeout_seconds <= 0:
             raise ValueError(f"the grading time limit must be > 0 seconds, got {timeout_seconds}")
+        if num_workers is not None and num_workers < 1:  # with no worker, a run would wait forever
+            raise ValueError(f"the number of grading workers must be >= 1, got {num_workers}")
         self.grader = grader
         self.timeout_seconds = float(timeout_seconds)
-        self.num_workers = num_workers or default_num_workers()
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.timeouts = 0  # comparisons that hit the limit (or crashed their worker)
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
@@ -739,13 +741,10 @@ class MathGrader:
                         payload = self._payload(jobs[pending[0]], strings[pending[0]])
                         if worker.jobs and len(payload) > _QUEUED_JOB_MAX_BYTES:
                             break  # a busy worker reads it only after its job, while its own messages may be unread
-                        if not worker.jobs:
-                            worker.call = None
                         worker.jobs.append(pending.popleft())
-                        if not worker.send(payload):
+                        if not worker.send(payload):  # gone (e.g. died while idle): its replacement takes the jobs
                             requeue(worker, "lost its worker")
-                            self._replace(worker)
-                            break
+                            worker = self._replace(worker)
                 now = time.monotonic()
                 deadlines = [w.call_started + self.timeout_seconds for w in self._workers if w.call is not None]
                 wait = max(0.0, min(deadlines) - now) if deadlines else None

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grading_workers", type=int, default=None, help="grading processes (default: cores, max 8)")
     parser.add_argument("--summary_file", type=Path, default=SUMMARY_FILE, help=f"default {display(SUMMARY_FILE)}")
     args = parser.parse_args(argv)
+    if args.grading_timeout <= 0:
+        parser.error(f"--grading_timeout must be > 0, got {args.grading_timeout}")
+    if args.grading_workers is not None and args.grading_workers < 1:
+        parser.error(f"--grading_workers must be >= 1, got {args.grading_workers}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     paths = resolve_pattern(args.pattern)

@@ -203,7 +203,8 @@ def test_defaults_follow_spec() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["--val_n", "0"], "--val_n must be >= 1"), (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-     (["--top_k", "-2"], "--top_k must be -1"), (["--dataset", "minerva"], "no pinned source")],
+     (["--top_k", "-2"], "--top_k must be -1"), (["--dataset", "minerva"], "no pinned source"),
+     (["--grading_workers", "0"], "--grading_workers must be >= 1")],
 )  # fmt: skip
 def test_user_errors_are_one_line(flags: list[str], message: str, capsys, tmp_path) -> None:
     argv = ["--base_model", str(tmp_path), "--dataset", "math500", "--output_file", str(tmp_path / "o.json"), *flags]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +218,8 @@ def test_unknown_grader_is_rejected() -> None:
         grade_answer("1", "1", grader="loose")
     with pytest.raises(ValueError, match="unknown grader"):
         MathGrader("loose")
+    with pytest.raises(ValueError, match="grading workers must be >= 1, got -1"):
+        MathGrader("reference", num_workers=-1)  # a pool without workers would wait forever
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,6 +382,22 @@ def test_large_jobs_wait_for_an_idle_worker_instead_of_filling_a_busy_ones_socke
     (graded,) = done
     assert [g.correct for g in graded] == [(False,) * 8] * 3
     assert [len(g.majority.clusters) for g in graded] == [8, 8, 8]  # none parses, none is equivalent to another
+
+
+def test_a_worker_that_died_while_idle_is_replaced_and_its_job_handed_to_the_new_one() -> None:
+    # the death of an idle worker shows only when the next job cannot be sent; with no other worker busy, the job must
+    # go to the replacement at once (waiting for a busy worker's message would wait forever)
+    done: list[bool] = []
+    with MathGrader("reference", num_workers=1).start() as grader:
+        (worker,) = grader._workers
+        os.kill(worker.pid, signal.SIGKILL)
+        assert select.select([worker.sock], [], [], 30)[0], "the killed worker's socket never closed"
+        thread = threading.Thread(target=lambda: done.append(grader.grade("\\frac{1}{2}", "0.5")))
+        thread.daemon = True
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "hang"
+        assert done == [True] and grader._workers[0].pid != worker.pid and grader.timeouts == 0
 
 
 def test_start_forks_the_workers_before_any_work() -> None:

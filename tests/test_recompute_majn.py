@@ -109,6 +109,18 @@ def test_bad_files_get_one_line_each_and_a_failing_exit(tmp_path, capsys) -> Non
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--grading_workers", "-1"], "--grading_workers must be >= 1, got -1"),
+     (["--grading_timeout", "0"], "--grading_timeout must be > 0, got 0.0")],
+)  # fmt: skip
+def test_bad_grading_flags_are_one_line_errors(flags: list[str], message: str, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        recompute_majn.main([str(tmp_path / "*.json"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_no_matching_file(tmp_path, capsys) -> None:
     assert recompute_majn.main([str(tmp_path / "*.json")]) == 1
     assert "no file matches" in capsys.readouterr().err
