@@ -4,7 +4,9 @@
 #   - the output is locked (flock -n on {OUTFILE}.lock): a busy lock means another worker has it, so this one skips;
 #   - a valid existing result is kept (skip); an invalid one is moved aside to {OUTFILE}.invalid;
 #   - the evaluator writes {OUTFILE}.tmp.{HOSTLABEL}.{pid}, which is validated (eval/validate_eval_result.py) and
-#     renamed into place, or renamed to *.invalid when it fails validation.
+#     renamed into place, or renamed to *.invalid when it fails validation;
+#   - an interrupted evaluation resumes: the newest {OUTFILE}.tmp.*.partial.jsonl newer than the model's
+#     ready-for-eval sentinel becomes this run's partial file (the evaluator checks its settings).
 # Usage: bash launchers/run_eval.sh <method_name> <dataset> [tp=4] [seed]
 #   method_name  {qwen3_4b_base|dsr1_l8b|olmo3_7b_think}_{opsd|eopd|pwopsd|reopold}
 #   dataset      math500 | aime24 | aime25 | hmmt25
@@ -62,8 +64,9 @@ pw_eval_main() {
   if pw_dry_run; then pw_print_cmd cd "$REPO_ROOT"; fi
   cd "$REPO_ROOT"
   pw_log "${name} on ${dataset} (tp ${tp}, seed ${seed:-none}) -> ${outfile} (log ${log})"
+  local ready="${OUTPUT_ROOT:-outputs}/.${name}_ready_for_eval"
   if ! pw_dry_run; then
-    local ready="${OUTPUT_ROOT:-outputs}/.${name}_ready_for_eval" script
+    local script
     script="launchers/run_${name/qwen3_4b_base/qwen4b_base}_train.sh"
     [[ -f "$ready" ]] || pw_die "${ready} is missing: ${name} is not trained and merged yet (run: bash ${script})"
     [[ -f "${merged}/config.json" ]] || pw_die "${merged}/config.json is missing (re-run: bash ${script})"
@@ -97,6 +100,19 @@ pw_eval_main() {
     fi
     pw_log "${outfile} is not a valid result: moving it to ${outfile}.invalid"
     mv -f -- "$outfile" "${outfile}.invalid"
+  fi
+
+  # Resume: the evaluator continues {its --output_file}.partial.jsonl, and the tmp name holds this run's pid, so the
+  # newest partial file a killed run left for this output (written after the current model's merge) is taken over.
+  local partial leftover=""
+  for partial in "${outfile}".tmp.*.partial.jsonl; do
+    if [[ -f "$partial" && "$partial" -nt "$ready" && (-z "$leftover" || "$partial" -nt "$leftover") ]]; then
+      leftover=$partial
+    fi
+  done
+  if [[ -n "$leftover" ]]; then
+    pw_log "resuming from ${leftover}"
+    mv -f -- "$leftover" "${tmp}.partial.jsonl"
   fi
 
   # A tmp file left behind by a failure or an interruption is marked invalid, never mistaken for a result.

@@ -651,6 +651,12 @@ result = {
     "majority_vote_at_n_pct": 40.0, "formatted_count": 12 * n, "format_rate": 100.0, "results": [{}] * n,
 }
 print("evaluating ... done")
+partial = value("--output_file") + ".partial.jsonl"
+if os.path.exists(partial):  # what the real evaluator resumes from, and deletes once the result is written
+    with open(os.path.join(os.environ["HOME"], "resumed_from"), "a") as f:
+        f.write(open(partial).read())
+    if mode != "crash":
+        os.remove(partial)
 with open(value("--output_file"), "w") as f:
     json.dump(result, f) if mode != "crash" else f.write('{"partial": ')
 sys.exit(3 if mode == "crash" else 0)
@@ -726,6 +732,29 @@ def test_run_eval_replaces_an_invalid_existing_result(eval_sandbox):
     assert "is not a valid result" in proc.stderr and eval_calls(box) == 1
     assert json.loads(box["outfile"].read_text())["val_n"] == 12
     assert Path(str(box["outfile"]) + ".invalid").read_text() == '{"dataset": "aime25", "val_n": 12'
+
+
+def test_run_eval_resumes_the_newest_partial_file_a_killed_run_left(eval_sandbox):
+    box = eval_sandbox
+    box["outfile"].parent.mkdir()
+    ready = box["out_root"] / ".qwen3_4b_base_pwopsd_ready_for_eval"
+    stem = str(box["outfile"]) + ".tmp.pytest."
+    for pid, written in (("101", -100), ("102", 100), ("103", 200)):  # before the merge, then two killed runs
+        Path(stem + pid + ".partial.jsonl").write_text(f"run {pid}\n")
+        os.utime(stem + pid + ".partial.jsonl", (ready.stat().st_mtime + written,) * 2)
+    proc = run_eval_real(box, "good")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming from {stem}103.partial.jsonl" in proc.stderr
+    assert (box["home"] / "resumed_from").read_text() == "run 103\n"  # the newest one, under this run's tmp name
+    assert not Path(stem + "103.partial.jsonl").exists() and Path(stem + "102.partial.jsonl").exists()
+    for pid in ("101", "102"):  # the older ones are not touched
+        Path(stem + pid + ".partial.jsonl").unlink()
+    box["outfile"].unlink()
+    Path(stem + "104.partial.jsonl").write_text("run 104\n")
+    os.utime(stem + "104.partial.jsonl", (ready.stat().st_mtime - 100,) * 2)  # older than the model: not resumed
+    proc = run_eval_real(box, "good")
+    assert proc.returncode == 0 and "resuming" not in proc.stderr
+    assert (box["home"] / "resumed_from").read_text() == "run 103\n"
 
 
 def test_run_eval_skips_when_another_worker_holds_the_lock(eval_sandbox):
