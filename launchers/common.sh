@@ -157,13 +157,21 @@ pw_activate_env() {
   pw_die "no Python environment: create the conda env 'pwopsd' (conda env create -f environment.yml), or point PWOPSD_VENV at a venv with vLLM, or set PWOPSD_PYTHON_ENV=none to use the active one"
 }
 
+# True when the folder holds at least one non-empty *.safetensors file.
+pw_has_weights() {
+  local f
+  for f in "$1"/*.safetensors; do
+    if [[ -s "$f" ]]; then return 0; fi
+  done
+  return 1
+}
+
 # SPEC §9.1 "validates": config.json, >= 1 non-empty *.safetensors, a tokenizer file. Stricter in one way: when a
 # shard index exists, every shard it names must exist and be non-empty (a merge killed between shards fails).
 pw_merged_is_valid() {
-  local dir=$1 f shard found=0
+  local dir=$1 shard
   [[ -f "$dir/config.json" ]] || return 1
-  for f in "$dir"/*.safetensors; do [[ -s "$f" ]] && found=1; done
-  ((found)) || return 1
+  pw_has_weights "$dir" || return 1
   [[ -f "$dir/tokenizer.json" || -f "$dir/tokenizer.model" || -f "$dir/tokenizer_config.json" ]] || return 1
   if [[ -f "$dir/model.safetensors.index.json" ]]; then
     while read -r shard; do

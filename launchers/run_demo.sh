@@ -33,7 +33,7 @@ while (($#)); do
     --val_n) VAL_N="$2"; shift ;;
     --max_new_tokens) MAX_NEW_TOKENS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run_demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -59,7 +59,8 @@ pw_eval_main() {
     --temperature 1.0 --top_p 0.95 --top_k -1 --min_p 0.0 --presence_penalty 0.0
     --enable_thinking --max_new_tokens 38912 --tensor_parallel_size "$tp" "${seed_args[@]}" --output_file "$tmp"
   )
-  local validate_cmd=(python eval/validate_eval_result.py "$tmp" --dataset "$dataset" --base_model "$merged" "${seed_args[@]}")
+  local validate_args=(--dataset "$dataset" --base_model "$merged" "${seed_args[@]}")  # the same test for old and new
+  local validate_cmd=(python eval/validate_eval_result.py "$tmp" "${validate_args[@]}")
 
   if pw_dry_run; then pw_print_cmd cd "$REPO_ROOT"; fi
   cd "$REPO_ROOT"
@@ -70,9 +71,7 @@ pw_eval_main() {
     script="launchers/run_${name/qwen3_4b_base/qwen4b_base}_train.sh"
     [[ -f "$ready" ]] || pw_die "${ready} is missing: ${name} is not trained and merged yet (run: bash ${script})"
     [[ -f "${merged}/config.json" ]] || pw_die "${merged}/config.json is missing (re-run: bash ${script})"
-    local f found=0
-    for f in "$merged"/*.safetensors; do [[ -s "$f" ]] && found=1; done
-    ((found)) || pw_die "${merged} has no non-empty *.safetensors (re-run: bash ${script})"
+    pw_has_weights "$merged" || pw_die "${merged} has no non-empty *.safetensors (re-run: bash ${script})"
   fi
   pw_export_defaults
   pw_activate_env
@@ -94,7 +93,7 @@ pw_eval_main() {
     return 0
   fi
   if [[ -e "$outfile" ]]; then
-    if python eval/validate_eval_result.py "$outfile" --dataset "$dataset" --base_model "$merged" "${seed_args[@]}"; then
+    if python eval/validate_eval_result.py "$outfile" "${validate_args[@]}"; then
       pw_log "skip: ${outfile} exists and is valid"
       return 0
     fi
