@@ -27,33 +27,16 @@ import argparse
 import gc
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _measure import PeakMemory, run_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_VOCAB = 151_936
 METHOD_NAMES = ("opsd", "pwopsd", "eopd", "reopold")
 REOPOLD_STEP = 60  # phase II: the entropy-quantile mask, the costlier REOPOLD phase
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_worker(cfg: dict) -> dict:
@@ -110,26 +93,14 @@ def run_worker(cfg: dict) -> dict:
     timed_step()  # warm-up: one-time library initialisation (kernels, thread pools) is not the loss's memory
     student_hidden.grad = weight.grad = None
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_ok = _reset_peak_rss()
-        base = _rss_kb("VmRSS") * 1024
-        base_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memory = PeakMemory(device.type == "cuda")
+    memory.start()
     times, cpu_times, loss = [], [], 0.0
     for _ in range(cfg["repeats"]):
         seconds, cpu_seconds, loss = timed_step()
         times.append(seconds)
         cpu_times.append(cpu_seconds)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    elif reset_ok:
-        peak = _rss_kb("VmHWM") * 1024 - base
-    else:  # no clear_refs: the lifetime high-water mark, valid when input building peaked below it
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - max(base, base_hwm)
-    return {"peak_mb": peak / 2**20, "seconds": min(times), "cpu_seconds": min(cpu_times), "loss": loss}
+    return {"peak_mb": memory.stop_mb(), "seconds": min(times), "cpu_seconds": min(cpu_times), "loss": loss}
 
 
 def run_variant(args: argparse.Namespace, method: str, variant: str, trainable: bool) -> dict:
@@ -150,12 +121,7 @@ def run_variant(args: argparse.Namespace, method: str, variant: str, trainable: 
     # default dynamic threshold, freed [chunk, V] buffers may stay in the heap, so the peak RSS of the same pass varied
     # by +-40 MB between runs; fixed, it is reproducible to 0.1 MB (both variants run under it).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False, env=env
-    )
-    if proc.returncode != 0:
-        sys.exit(f"worker {method}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_subprocess(__file__, cfg, f"{method}/{variant}", env)
 
 
 def main() -> None:

@@ -30,69 +30,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from _measure import PeakMemory, run_in_subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_CACHE = Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pwopsd")) / "SmolLM2-135M-Instruct"
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory above the level at `start()`: CUDA allocator peak, or CPU peak RSS (VmHWM reset, with a sampler
-    thread as a fallback where /proc/self/clear_refs is not writable)."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self._stop = threading.Event()
-        self._sampled = 0
-
-    def start(self) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        self.base = _status_kb("VmRSS") * 1024
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-            self._sampled = self.base
-            threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._sampled = max(self._sampled, _status_kb("VmRSS") * 1024)
-            time.sleep(0.002)
-
-    def stop_mb(self) -> float:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif self._hwm:
-            peak = _status_kb("VmHWM") * 1024
-        else:
-            self._stop.set()
-            peak = self._sampled
-        return max(peak - self.base, 0) / 2**20
 
 
 def run_worker(cfg: dict) -> dict:
@@ -151,7 +96,6 @@ def run_worker(cfg: dict) -> dict:
         return {"model": cfg["name"], "path": cfg["path"], "vocab": vocab_size(trainer), **time_steps(trainer, cuda)}
 
     # --- one micro-batch without the rollout --------------------------------------------------------------------
-    trainer.args.max_completion_length = loss_T
     prompts = trainer.data_collator(rows[:2])
     vocab = vocab_size(trainer)
     special = set(tokenizer.all_special_ids)
@@ -247,7 +191,7 @@ def model_paths(names: list[str]) -> dict[str, str]:
             out = Path(tempfile.mkdtemp(prefix="bench_tiny_")) / "qwen3"
             paths[name] = str(tiny_models.build("qwen3", out, seed=0))
         elif name == "smollm2":
-            paths[name] = str(tiny_models.build("smollm2", SMOLLM2_CACHE))
+            paths[name] = str(tiny_models.build("smollm2", tiny_models.smollm2_cache_dir()))
         else:
             raise SystemExit(f"error: unknown model {name!r}: use tiny or smollm2")
     return paths
@@ -291,13 +235,7 @@ def main() -> int:
                     "steps": args.steps,
                     "repeats": args.repeats,
                 }
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
-                )
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr[-4000:])
-                    raise SystemExit(f"worker {name}/{loss_path}/{part} failed")
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                row.update(run_in_subprocess(__file__, cfg, f"{name}/{loss_path}/{part}", env))
             results.append(row)
             print(f"# {name} {loss_path}: {row}", file=sys.stderr, flush=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,11 @@ def smollm2_gguf_path() -> Path:
 
 
 SMOLLM2_DTYPE = "bfloat16"  # the dtype of the released SmolLM2-135M-Instruct checkpoint
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the converted SmolLM2 is cached: $PWOPSD_CACHE (default ~/.cache/pwopsd)/SmolLM2-135M-Instruct."""
+    return Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pwopsd")) / "SmolLM2-135M-Instruct"
 
 
 def is_converted(out: Path) -> bool:

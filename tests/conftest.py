@@ -47,13 +47,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
     return get
 
 
-def smollm2_cache_dir() -> Path:
-    return Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pwopsd")) / "SmolLM2-135M-Instruct"
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from GGUF once (cached across sessions)."""
     import tiny_models
 
-    return tiny_models.build("smollm2", smollm2_cache_dir())
+    return tiny_models.build("smollm2", tiny_models.smollm2_cache_dir())
