@@ -636,9 +636,14 @@ class OPSDTrainer(SFTTrainer):
         return ids
 
     def _check_lm_head(self, unwrapped: nn.Module) -> None:
-        """The chunked path computes `hidden @ W.T`: refuse heads it cannot reproduce (bias, soft-capping, scaling)."""
+        """The chunked path computes `hidden @ W.T` with the student's plain head weight for student and teacher: refuse
+        heads it cannot reproduce (bias, soft-capping, scaling, a PEFT-adapted head, a trained head the teacher does not
+        share)."""
         if self.args.dense_loss:
             return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import AuxiliaryTrainingWrapper
+
         head = unwrapped.get_output_embeddings()
         text_config = unwrapped.config.get_text_config()
         unsupported = [
@@ -648,6 +653,10 @@ class OPSDTrainer(SFTTrainer):
         ]
         if getattr(head, "bias", None) is not None:
             unsupported.append("lm_head bias")
+        if isinstance(head, (BaseTunerLayer, AuxiliaryTrainingWrapper)):  # LoRA on lm_head, or modules_to_save
+            unsupported.append("a PEFT-adapted lm_head")
+        elif self.teacher_mode != "dynamic" and getattr(getattr(head, "weight", None), "requires_grad", False):
+            unsupported.append(f"a trainable lm_head with the {self.teacher_mode} teacher")
         if unsupported or not hasattr(head, "weight"):
             raise ConfigError(
                 f"the chunked loss computes logits as hidden @ lm_head.weight.T, but this model has "

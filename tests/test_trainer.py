@@ -76,6 +76,27 @@ def make_trainer(model_dir: Path, args: OPSDConfig, peft: bool = True, rows=ROWS
     )
 
 
+def test_chunked_loss_refuses_a_head_it_would_get_wrong(tiny_model_dir, tmp_path):
+    # the chunked path applies the student's lm_head weight to both sides: a head trained beside the LoRA
+    # (modules_to_save; the fixed teacher must use the original), or a trained head under the EMA teacher, needs the
+    # dense path (LoRA on lm_head itself is refused by TRL's SFTTrainer)
+    path = tiny_model_dir("qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    head_saved = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    cases = [
+        (make_args(tmp_path, "opsd"), head_saved, "a PEFT-adapted lm_head"),
+        (make_args(tmp_path, "opsd", fixed_teacher=False, use_ema_teacher=True), None, "trainable lm_head with the ema"),
+    ]
+    for args, peft_config, message in cases:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with pytest.raises(ConfigError, match=f"{message}.*: pass --dense_loss"):
+            EAOPSDTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
+                          peft_config=peft_config)  # fmt: skip
+        args.dense_loss = True  # the reference path takes them
+        EAOPSDTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
+                      peft_config=peft_config)  # fmt: skip
+
+
 def split_params(model) -> tuple[dict, dict]:
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
