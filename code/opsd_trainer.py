@@ -712,7 +712,8 @@ class OPSDTrainer(SFTTrainer):
             prompt_padding=self.args.prompt_padding,
         )
         self._record_completion_metrics(completions)
-        if self.args.generations_dump_steps:
+        every = self.args.generations_dump_steps
+        if every and (self.state.global_step + 1) % every == 0:  # only the steps that are dumped decode their text
             self._buffer_generations(prompts, completions)
         return batch
 
