@@ -80,3 +80,18 @@ def test_user_errors_are_one_line(adapter, tmp_path, capsys, which, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("merge_lora.py: error: ") and message in err[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_a_failed_save_leaves_no_partial_folder(adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def full_disk(self, save_directory, **kwargs):
+        save_directory.mkdir(parents=True)
+        (save_directory / "model.safetensors").write_bytes(b"half")  # what was written before the disk filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    base_dir, adapter_dir = adapter
+    with pytest.raises(OSError, match="No space left"):
+        merge_lora.merge_lora(str(base_dir), str(adapter_dir), str(tmp_path / "merged"))
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its tmp folder
