@@ -79,8 +79,12 @@ def read_record(path: Path) -> Record:
     dataset = str(data["dataset"])
     run = run_name(path.stem, dataset, seed)
     model, method = split_run(run)
-    values = {short: float(data[key]) for short, key in METRICS.items()}
-    return Record(run, model, method, dataset, seed, int(data["val_n"]), values, path.name)
+    try:
+        values = {short: float(data[key]) for short, key in METRICS.items()}
+        val_n = int(data["val_n"])
+    except (TypeError, ValueError) as e:  # e.g. null or "n/a"
+        raise ValueError(f"not an evaluation result (a metric or val_n is not a number: {e})") from e
+    return Record(run, model, method, dataset, seed, val_n, values, path.name)
 
 
 def collect(results_dir: Path) -> tuple[list[Record], list[str]]:
@@ -116,28 +120,32 @@ def aggregate(records: list[Record]) -> list[dict[str, Any]]:
     rows = []
     for model, method, run in runs:
         mine = [r for r in records if r.run == run]
+        avg_mean: dict[str, float] = {}  # benchmark -> mean Avg@N over its seeds
         for dataset in benchmarks:
             cell = [r for r in mine if r.dataset == dataset]
             if not cell:
                 continue
-            seeds = sorted((r.seed for r in cell), key=lambda s: (s is None, s))
+            seeds = sorted((r.seed for r in cell), key=_seed_order)
             for metric in METRICS:
                 mean, std = mean_std([r.values[metric] for r in cell])
+                if metric == "avg":
+                    avg_mean[dataset] = mean
                 rows.append(dict(model=model, method=method, run=run, dataset=dataset, metric=metric,
                                  val_n=cell[0].val_n, n_seeds=len(cell), seeds=seeds, mean=mean, std=std))  # fmt: skip
-        covered = {r.dataset for r in mine}
-        if len(benchmarks) > 1 and covered >= set(benchmarks):
-            per_benchmark = [mean_std([r.values["avg"] for r in mine if r.dataset == d])[0] for d in benchmarks]
-            full_seeds = [s for s in {r.seed for r in mine} if all(any(r.seed == s and r.dataset == d for r in mine) for d in benchmarks)]
-            per_seed = [
-                sum(next(r.values["avg"] for r in mine if r.seed == s and r.dataset == d) for d in benchmarks) / len(benchmarks)
-                for s in full_seeds
-            ]
+        if len(benchmarks) > 1 and len(avg_mean) == len(benchmarks):
+            avg = {(r.dataset, r.seed): r.values["avg"] for r in mine}  # unique: collect() drops repeats
+            full_seeds = sorted({s for _, s in avg if all((d, s) in avg for d in benchmarks)}, key=_seed_order)
+            per_seed = [sum(avg[d, s] for d in benchmarks) / len(benchmarks) for s in full_seeds]
             std = mean_std(per_seed)[1] if per_seed else math.nan
             rows.append(dict(model=model, method=method, run=run, dataset=CROSS, metric="avg", val_n=mine[0].val_n,
-                             n_seeds=len(full_seeds), seeds=sorted(full_seeds, key=lambda s: (s is None, s)),
-                             mean=sum(per_benchmark) / len(per_benchmark), std=std))  # fmt: skip
+                             n_seeds=len(full_seeds), seeds=full_seeds,
+                             mean=sum(avg_mean.values()) / len(avg_mean), std=std))  # fmt: skip
     return rows
+
+
+def _seed_order(seed: int | None) -> tuple[bool, int | None]:
+    """Seeds in increasing order, the unseeded run last."""
+    return seed is None, seed
 
 
 def ordered_benchmarks(records: list[Record]) -> list[str]:

@@ -55,10 +55,12 @@ def test_tables_over_seeds(tmp_path, capsys) -> None:
     _write(results, "smollm2_base_math500_seed0.json", "math500", 0, 10.0, 20.0, 15.0)  # the demo's naming
     (results / "broken.json").write_text("{not json")
     (results / "notes.json").write_text(json.dumps({"hello": 1}))
+    _write(results, "nulls.json", "math500", 0, None, 20.0, 15.0)  # a metric that is null
 
     assert summarize.main(["--results_dir", str(results), "--out_dir", str(out)]) == 1  # bad files flagged ...
     err = capsys.readouterr().err
     assert "broken.json: not valid JSON" in err and "notes.json: not an evaluation result" in err
+    assert "nulls.json: not an evaluation result (a metric or val_n is not a number" in err
 
     frame = pd.read_csv(out / "summary.csv")  # ... but every good file is summarised
     for (name, dataset, metric), values in truth.items():
