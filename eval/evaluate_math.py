@@ -364,12 +364,17 @@ class PresencePenaltyLogitsProcessor:
 
 
 def sampling_processors(args: EvalArguments, prompt_length: int) -> list[Any]:
-    """vLLM's sampling chain as transformers logits processors: presence penalty, temperature, min-p, top-k, top-p."""
+    """vLLM's sampling chain as transformers logits processors: presence penalty, temperature, min-p, top-k, top-p.
+
+    Temperature 0 (greedy): only the penalty; vLLM takes the argmax of the penalised logits, which the warpers would
+    not change."""
     from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     processors: list[Any] = []
     if args.presence_penalty:
         processors.append(PresencePenaltyLogitsProcessor(args.presence_penalty, prompt_length))
+    if args.temperature == 0:
+        return processors
     if args.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(args.temperature))
     if args.min_p > 0:
@@ -485,10 +490,10 @@ class HFBackend:
                     eos_token_id=self.eos_ids,
                     pad_token_id=self.pad_id,
                 )
-                processors: list[Any] = []
+                processors = sampling_processors(args, prompt_length)
                 if not greedy:
                     generators = [g for i in group_indices for g in row_generators(args.seed, i, args.val_n)]
-                    processors = [*sampling_processors(args, prompt_length), RowSampler(generators)]
+                    processors.append(RowSampler(generators))
                 with torch.inference_mode():
                     output = self.model.generate(
                         **inputs, generation_config=config, logits_processor=LogitsProcessorList(processors)

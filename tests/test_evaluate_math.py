@@ -245,6 +245,35 @@ def test_presence_penalty_counts_generated_tokens_once() -> None:
     torch.testing.assert_close(out, expected)
 
 
+def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
+    # vLLM applies penalties before its greedy pick, so temperature 0 with a presence penalty is not plain argmax
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_model_dir("qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "Problem: what is 12 + 30? Answer:"
+    texts = {}
+    for penalty in (0.0, 1.5):
+        args = EvalArguments(base_model=str(model_dir), dataset="d", output_file="o", temperature=0.0,
+                             presence_penalty=penalty, max_new_tokens=24, val_n=2)  # fmt: skip
+        backend = evaluate_math.HFBackend(args, tokenizer)
+        [(index, texts[penalty])] = list(backend.generate([prompt], [0]))
+        assert index == 0 and texts[penalty][0] == texts[penalty][1]  # val_n copies of the one greedy answer
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        generated: list[int] = []
+        with torch.no_grad():  # naive: full forward per token, penalty once per distinct generated token, argmax
+            for _ in range(24):
+                logits = backend.model(torch.tensor([ids[0].tolist() + generated])).logits[0, -1].float()
+                for token in set(generated):
+                    logits[token] -= penalty
+                token = int(logits.argmax())
+                if token in backend.eos_ids:
+                    break
+                generated.append(token)
+        assert texts[penalty][0] == tokenizer.decode(generated, skip_special_tokens=True)
+    assert texts[0.0] != texts[1.5]
+
+
 def test_problem_seeds_differ_across_seeds_and_problems() -> None:
     seeds = {evaluate_math.problem_seed(s, i) for s in range(3) for i in range(500)}
     assert len(seeds) == 1500
