@@ -43,6 +43,7 @@ __all__ = [
     "METHODS",
     "DistillationMethod",
     "LossHParams",
+    "check_hparams",
     "chunked_distillation_loss",
     "compute_distillation_loss",
     "eopd_gate",
@@ -132,6 +133,14 @@ def _make_hparams(method: DistillationMethod, hparams: Mapping[str, Any]) -> Los
         if not ok(value):
             raise ValueError(f"--{name} {what}, got {value!r} (method {method.name})")
     return hp
+
+
+def check_hparams(method: str, **hparams: Any) -> LossHParams:
+    """The hyper-parameters of ``method`` with the reference defaults, validated as the losses validate them.
+
+    ValueError naming the flag for an unknown method or an invalid value, TypeError for an unknown name.
+    """
+    return _make_hparams(get_method(method), hparams)
 
 
 def loss_hparams_from_args(args: Any) -> dict[str, Any]:
@@ -231,8 +240,9 @@ def schedule_weight(u: Tensor, w_min: float, tau: float, s: float) -> Tensor:
 
     The Moderate schedule (0.25, 0.30, 0.10) gives w(0) = 0.2856, w(0.3) = 0.625, w(1) = 0.9993 (SPEC §5.7).
     """
-    if not (_is_real(s) and s > 0):
-        raise ValueError(f"--position_s must be > 0 (values below 1e-6 are used as 1e-6), got {s!r}")
+    ok, what = _CHECKS["position_s"]
+    if not ok(s):
+        raise ValueError(f"--position_s {what}, got {s!r}")
     return w_min + (1 - w_min) * torch.sigmoid((u - tau) / max(s, POSITION_S_GUARD))
 
 

@@ -142,9 +142,7 @@ def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = 
         reason = str(err).strip().splitlines()[0]
         raise UserError(f"cannot load --model_name_or_path '{path}': {reason}") from None
     model.config.use_cache = False
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, tokenizer  # a missing pad token is set by the trainer (pad = eos, as the reference)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -162,12 +160,13 @@ def run(argv: list[str] | None = None) -> int:
     )
     hf_logging.set_verbosity_warning()
 
+    from distill_losses import METHODS
     from ea_opsd_trainer import EAOPSDTrainer
     from opsd_trainer import ConfigError
     from trl import get_peft_config
 
     if training_args.method is None:
-        raise UserError("--method is required: opsd | eopd | pwopsd | reopold")
+        raise UserError(f"--method is required: {' | '.join(METHODS)}")
     if training_args.fixed_teacher and not model_args.use_peft:
         raise UserError("--fixed_teacher needs --use_peft (the teacher is the base model with the adapter disabled)")
     apply_run_config(training_args)

@@ -33,7 +33,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GOLDConfig lives in tr
 
 from accelerate.utils import gather_object, is_peft_model
 from data_collator import TEACHER_THINK_MODES, SelfDistillationDataCollator
-from distill_losses import METHODS, chunked_distillation_loss, compute_distillation_loss, loss_hparams_from_args
+from distill_losses import (
+    METHODS,
+    check_hparams,
+    chunked_distillation_loss,
+    compute_distillation_loss,
+    loss_hparams_from_args,
+)
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -64,7 +70,10 @@ class OPSDConfig(GOLDConfig):
     """
 
     # --- SPEC §2.2: flags added by the reference ---------------------------------------------------------------
-    method: str | None = field(default=None, metadata={"help": "Distillation loss: opsd | eopd | pwopsd | reopold."})
+    method: str | None = field(
+        default=None,
+        metadata={"help": "Distillation loss: " + "; ".join(f"{m.name} = {m.summary}" for m in METHODS.values()) + "."},
+    )
     use_tinker_loss: bool = field(
         default=False, metadata={"help": "opsd only: sampled-token policy-gradient reverse KL (SPEC §5.1)."}
     )
@@ -222,8 +231,6 @@ class OPSDConfig(GOLDConfig):
             )
         if self.max_completion_length < 1:
             raise ConfigError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be > 0 (it divides the logits), got {self.temperature}")
         self.validate_loss_hparams()
         if self.loss_chunk_size < 1:
             raise ConfigError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
@@ -231,19 +238,11 @@ class OPSDConfig(GOLDConfig):
             raise ConfigError(f"--generations_dump_steps must be >= 0, got {self.generations_dump_steps}")
 
     def validate_loss_hparams(self) -> None:
-        """Check --method and the loss flags with the loss module itself, on a 1-token dummy batch (no model needed)."""
+        """Check --method and the loss flags with the loss module's own checks (no model needed)."""
         if self.method is not None and self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
-        logits = torch.zeros(1, 1, 2)
         try:
-            compute_distillation_loss(
-                self.method or "opsd",
-                logits,
-                logits,
-                torch.zeros(1, 1, dtype=torch.long),
-                torch.ones(1, 1, dtype=torch.bool),
-                **loss_hparams_from_args(self),
-            )
+            check_hparams(self.method or "opsd", **loss_hparams_from_args(self))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

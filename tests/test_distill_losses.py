@@ -16,6 +16,7 @@ import torch
 from distill_losses import (
     METHODS,
     LossHParams,
+    check_hparams,
     chunked_distillation_loss,
     compute_distillation_loss,
     eopd_gate,
@@ -574,6 +575,8 @@ def test_invalid_hyper_parameters_name_the_flag(method, hp, flag):
     hidden = torch.randn(*batch.mask.shape, 3)
     with pytest.raises(ValueError, match=flag):
         chunked_distillation_loss(method, hidden, hidden, torch.randn(19, 3), batch.ids, batch.mask, **hp)
+    with pytest.raises(ValueError, match=flag):  # the same check, without a batch (the trainer's config validation)
+        check_hparams(method, **hp)
 
 
 def test_unused_hyper_parameters_are_ignored_and_unknown_names_rejected():
