@@ -1,8 +1,8 @@
 """Self-distillation collator: the student and teacher prompts of SPEC §3, tokenized and padded.
 
 The student sees the problem; the teacher (same network) additionally sees the reference solution. Both prompts are
-rendered with the tokenizer's chat template, tokenized twice (once unpadded for the true lengths, once padded to the
-batch maximum) and returned as tensors. Labels are not built here: they need the rollout (see `opsd_trainer`).
+rendered with the tokenizer's chat template, tokenized, padded to the batch maximum and returned as tensors. Labels
+are not built here: they need the rollout (see `opsd_trainer`).
 
 Quirks kept by default (SPEC §3, §11.2):
 * the student is rendered with `enable_thinking=False` and, if its text ends with an unclosed `<think>`, gets
@@ -100,29 +100,23 @@ def teacher_prompt_text(
 def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None, padding_side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Tokenize twice as the reference does: unpadded+truncated for the true lengths, then padded to the batch max.
+    """Tokenize (truncated to `max_length`) and pad to the batch maximum P on `padding_side`.
 
-    Both passes use `add_special_tokens=True` (so a Llama template that already writes BOS gets a second one, as in
-    the reference). Returns `(ids [B, P], attention_mask [B, P], P, lengths [B])`.
+    The reference tokenizes twice (unpadded for the true lengths, then padded to their maximum); one padded call gives
+    the same ids, mask, P and lengths. `add_special_tokens=True` (so a Llama template that already writes BOS gets a
+    second one, as in the reference). Returns `(ids [B, P], attention_mask [B, P], P, lengths [B])`.
     """
-    truncate = max_length is not None
-    unpadded = tokenizer(list(texts), add_special_tokens=True, truncation=truncate, max_length=max_length)
-    lengths = torch.tensor([len(ids) for ids in unpadded["input_ids"]], dtype=torch.long)
-    batch_max = int(lengths.max())
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = padding_side
-    try:
-        padded = tokenizer(
-            list(texts),
-            add_special_tokens=True,
-            padding="max_length",
-            truncation=truncate,
-            max_length=batch_max,
-            return_tensors="pt",
-        )
-    finally:
-        tokenizer.padding_side = previous_side
-    return padded["input_ids"], padded["attention_mask"], batch_max, lengths
+    padded = tokenizer(
+        list(texts),
+        add_special_tokens=True,
+        padding="longest",
+        truncation=max_length is not None,
+        max_length=max_length,
+        padding_side=padding_side,
+        return_tensors="pt",
+    )
+    lengths = padded["attention_mask"].sum(-1)
+    return padded["input_ids"], padded["attention_mask"], padded["input_ids"].size(1), lengths
 
 
 class SelfDistillationDataCollator:
@@ -154,7 +148,6 @@ class SelfDistillationDataCollator:
         # The reference switches the *shared* tokenizer to right padding; the rollout re-tokenization follows it.
         tokenizer.padding_side = padding_side
         self.max_length = max_length
-        self.reason_first = reason_first
         self.padding_side = padding_side
         self.teacher_think = teacher_think
         self.student_enable_thinking = student_enable_thinking

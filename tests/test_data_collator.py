@@ -139,6 +139,30 @@ def test_truncation_to_max_length(tokenizers):
     assert batch["student_prompts"].shape == (1, 16)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncated_ragged_batch_equals_the_reference_two_pass_tokenization(tokenizers, side):
+    # the reference: unpadded + truncated for the lengths, then padded to their maximum
+    tok = tokenizers["qwen3"]
+    rows = [{"problem": "1+1?", "solution": "2"}, {"problem": PROBLEM * 3, "solution": SOLUTION * 2}]
+    students, _ = SelfDistillationDataCollator(tok, max_length=None).prompt_texts(rows)
+    limit = len(tok(students[0])["input_ids"]) + 5  # the short prompt fits, the long one is cut
+    collator = SelfDistillationDataCollator(tok, max_length=limit, padding_side=side)
+    batch = collator(rows)
+    for role, texts in zip(("student", "teacher"), collator.prompt_texts(rows)):
+        expected = [tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+        width = max(len(e) for e in expected)
+        assert batch[f"{role}_prompt_length"] == width and batch[f"{role}_prompts"].shape == (2, width)
+        assert batch[f"{role}_prompt_lengths_per_example"].tolist() == [len(e) for e in expected]
+        for i, e in enumerate(expected):
+            pad = [tok.pad_token_id] * (width - len(e))
+            ones, zeros = [1] * len(e), [0] * len(pad)
+            assert batch[f"{role}_prompts"][i].tolist() == (e + pad if side == "right" else pad + e)
+            assert batch[f"{role}_prompt_attention_mask"][i].tolist() == (
+                ones + zeros if side == "right" else zeros + ones
+            )
+    assert batch["student_prompt_lengths_per_example"].tolist()[1] == limit
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rollout_prompts_round_trip_through_text(tokenizers, arch):
     """SPEC §4.2/§4.3, §11.2: decode with special tokens, strip pad strings, re-tokenize without special tokens ->
