@@ -54,7 +54,8 @@ def pass_at_k_table(correct_counts: Sequence[int], n: int) -> dict[str, float]:
     }
 
 
-def _pct(count: int, total: int) -> float:
+def pct(count: int, total: int) -> float:
+    """100 · count / total, 0 for an empty total."""
     return 100.0 * count / total if total else 0.0
 
 
@@ -74,11 +75,11 @@ def aggregate_metrics(
         "num_problems": problems,
         "total_solutions": total,
         "pass_at_n": passed,
-        "pass_at_n_pct": _pct(passed, problems),
+        "pass_at_n_pct": pct(passed, problems),
         "average_at_n": correct,
-        "average_at_n_pct": _pct(correct, total),
+        "average_at_n_pct": pct(correct, total),
         "majority_vote_at_n": majority,
-        "majority_vote_at_n_pct": _pct(majority, problems),
+        "majority_vote_at_n_pct": pct(majority, problems),
         "formatted_count": formatted,
-        "format_rate": _pct(formatted, total),
+        "format_rate": pct(formatted, total),
     }

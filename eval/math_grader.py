@@ -25,6 +25,7 @@ Graders (`--grader`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -317,15 +318,11 @@ WARM_UP_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
-def warm_up(grader: str = "reference", grade: Callable[[str, str], bool] | None = None) -> None:
-    """Grade `WARM_UP_PAIRS` in both orders with `grade` (default: `grade_answer` with `grader`); results unused."""
+def warm_up(grade: Callable[[str, str], bool]) -> None:
+    """Grade `WARM_UP_PAIRS` in both orders with `grade`; results unused."""
     for a, b in WARM_UP_PAIRS:
-        if grade is None:
-            grade_answer(a, b, grader)
-            grade_answer(b, a, grader)
-        else:
-            grade(a, b)
-            grade(b, a)
+        grade(a, b)
+        grade(b, a)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -463,7 +460,7 @@ def _zygote(control_fd: int, grader: str) -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     install_fast_parsing()
-    warm_up(grader)  # imports, sympy's lazy modules and the parser's prediction cache, before any worker exists
+    warm_up(functools.partial(grade_answer, grader=grader))  # imports, sympy's lazy modules and the parser's prediction cache, before any worker exists
     # Workers allocate many short-lived sympy objects: collect less often, and never scan what they inherit (which
     # would also copy the zygote's memory pages into every worker).
     gc.freeze()

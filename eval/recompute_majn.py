@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluate_math import atomic_write_json
+from eval_metrics import pct
+from evaluate_math import REPO_ROOT, atomic_write_json
 from math_grader import DEFAULT_TIMEOUT_S, GRADERS, NO_BOXED_ANSWER, MathGrader
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATTERN = "eval_results/qwen3_4b_base_*.json"
 SUMMARY_FILE = REPO_ROOT / "eval_results_summary" / "majn_recomputed_summary.json"
 METHOD = "cluster-all-with-INVALID-marker (recomputed offline)"
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             graded = grader.grade_problems(saved.problems, progress=False)
             new_count = sum(g.majority.correct for g in graded)
-            new_pct = 100.0 * new_count / len(graded) if graded else 0.0
+            new_pct = pct(new_count, len(graded))
             old_pct = saved.data.get("majority_vote_at_n_pct")
             old = "n/a" if old_pct is None else f"{old_pct:.2f}"
             print(f"{display(path)}: Maj@N {old} -> {new_pct:.2f} ({new_count}/{len(graded)})")
