@@ -30,6 +30,11 @@ class UserError(Exception):
     """Bad input: reported as one line, no traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    return str(err).strip().partition("\n")[0] or type(err).__name__
+
+
 def _script_arguments_cls():
     from trl import ScriptArguments
 
@@ -87,7 +92,7 @@ def load_train_dataset(spec: str):
     except UserError:
         raise
     except Exception as err:  # datasets raises many types for unreadable input: report them as one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(f"cannot read dataset '{spec}' (PWOPSD_TRAIN_DATASET): {reason}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
@@ -139,7 +144,7 @@ def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = 
             path, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
         )
     except OSError as err:
-        reason = str(err).strip().splitlines()[0]
+        reason = first_line(err)
         raise UserError(f"cannot load --model_name_or_path '{path}': {reason}") from None
     model.config.use_cache = False
     return model, tokenizer  # a missing pad token is set by the trainer (pad = eos, as the reference)
@@ -152,7 +157,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as err:  # config validation (__post_init__) of any of the three dataclasses
-        raise UserError(str(err).strip().splitlines()[0]) from None
+        raise UserError(first_line(err)) from None
 
     logging.basicConfig(
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,

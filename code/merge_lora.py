@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ea_opsd_train import first_line
+
 logger = logging.getLogger("merge_lora")
 
 
@@ -41,12 +43,12 @@ def merge_lora(base: str, adapter: str, out: str | Path, dtype: str = "bfloat16"
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map="cpu")
         tokenizer = AutoTokenizer.from_pretrained(base)
     except OSError as err:
-        raise MergeError(f"cannot load BASE '{base}': {str(err).strip().splitlines()[0]}") from None
+        raise MergeError(f"cannot load BASE '{base}': {first_line(err)}") from None
     try:
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as err:
         raise MergeError(
-            f"cannot apply ADAPTER '{adapter}' to BASE '{base}': {str(err).strip().splitlines()[0]}"
+            f"cannot apply ADAPTER '{adapter}' to BASE '{base}': {first_line(err)}"
         ) from None
 
     out = Path(out)

@@ -45,6 +45,11 @@ class UserError(Exception):
     """A problem with the command line, the files or the data: reported as one line, exit status 2."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    return str(err).strip().partition("\n")[0] or type(err).__name__
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Benchmarks (SPEC §7.3)
 
@@ -126,7 +131,7 @@ def load_local_rows(path: str | Path) -> list[dict[str, Any]]:
     try:
         return list(datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train"))
     except Exception as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def _hub_unavailable() -> str | None:
@@ -438,7 +443,7 @@ class HFBackend:
                 args.base_model, dtype="auto", trust_remote_code=args.trust_remote_code
             )
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load --base_model {args.base_model}: {str(e).splitlines()[0]}") from e
+            raise UserError(f"cannot load --base_model {args.base_model}: {first_line(e)}") from e
         if args.checkpoint_dir:
             from peft import PeftModel
 
@@ -686,7 +691,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(args.base_model, trust_remote_code=args.trust_remote_code)
             except (OSError, ValueError) as e:
-                raise UserError(f"cannot load the tokenizer of --base_model {args.base_model}: {str(e).splitlines()[0]}") from e
+                raise UserError(f"cannot load the tokenizer of --base_model {args.base_model}: {first_line(e)}") from e
             if not tokenizer.chat_template:
                 raise UserError(f"the tokenizer of {args.base_model} has no chat template")
             prompts = [build_prompt(tokenizer, problems[i].problem, args.enable_thinking) for i in todo]

@@ -261,3 +261,10 @@ def test_dataset_sources(tmp_path):
         dataset = ea_opsd_train.load_train_dataset(str(spec))
         assert dataset.column_names == ["problem", "solution"] and len(dataset) == n
         assert dataset[1] == {"problem": "p2", "solution": "s2"}
+
+
+@pytest.mark.parametrize("module", ["ea_opsd_train", "evaluate_math"])
+def test_first_line_of_an_error_message(module):
+    first_line = __import__(module).first_line
+    assert first_line(OSError("  cannot open\nTraceback details")) == "cannot open"
+    assert first_line(OSError()) == "OSError" and first_line(ValueError("   ")) == "ValueError"  # never IndexError
