@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -215,6 +215,11 @@ class OPSDConfig(GOLDConfig):
 
     def validate_pwopsd_flags(self) -> None:
         """Reject contradictory or out-of-range flags with a message naming the flag and the fix."""
+        for flag in fields(OPSDConfig):  # flags with a fixed set of values (argparse checks them only on the CLI)
+            choices = flag.metadata.get("choices")
+            if flag.name in OPSDConfig.__annotations__ and choices and getattr(self, flag.name) not in choices:
+                value = getattr(self, flag.name)
+                raise ConfigError(f"--{flag.name} must be one of {', '.join(choices)}, got {value!r}")
         if self.reason_first:
             raise ConfigError(
                 "--reason_first is not implemented (the reference's analysis prompt is unknown, SPEC §12 #7; no run "

@@ -4,6 +4,7 @@ resume, vLLM call arguments (recording stand-in), generation dumps."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -74,6 +75,18 @@ def make_trainer(model_dir: Path, args: OPSDConfig, peft: bool = True, rows=ROWS
         processing_class=tokenizer,
         peft_config=lora_config() if peft else None,
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("eos_mask", "pad", "--eos_mask must be one of pad_id, length, got 'pad'"),
+     ("rollout_batching", "steps", "--rollout_batching must be one of micro_batch, step, got 'steps'"),
+     ("prompt_padding", "middle", "--prompt_padding must be one of right, left"),
+     ("teacher_think", "on", "--teacher_think must be one of")],
+)  # fmt: skip
+def test_choice_flags_are_checked_when_the_config_is_built_in_code(tmp_path, flag, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_args(tmp_path, "opsd", **{flag: value})
 
 
 def test_chunked_loss_refuses_a_head_it_would_get_wrong(tiny_model_dir, tmp_path):
