@@ -35,11 +35,13 @@ def main() -> None:
     math500 = read_jsonl(src / "math500" / "test.jsonl")
     write_jsonl(HERE / "math500.jsonl", [{"id": i, **r} for i, r in enumerate(math500)])
     write_jsonl(HERE / "aime24.jsonl", read_jsonl(src / "aime2024" / "test.jsonl"))
+    numbered = {}
     for name, sub in (("aime25", "aime2025"), ("hmmt25", "hmmt_feb_2025")):
-        rows = [{"problem_idx": i, **r} for i, r in enumerate(read_jsonl(src / sub / "derived_test.jsonl"), start=1)]
-        write_jsonl(HERE / f"{name}.jsonl", rows)
+        rows = read_jsonl(src / sub / "derived_test.jsonl")
+        numbered[name] = [{"problem_idx": i, **r} for i, r in enumerate(rows, start=1)]
+        write_jsonl(HERE / f"{name}.jsonl", numbered[name])
     # The reference reads hmmt25 from a local parquet (HMMT25_PARQUET_PATH, default ./data/hmmt25_clean/train.parquet).
-    hmmt = read_jsonl(HERE / "hmmt25.jsonl")
+    hmmt = numbered["hmmt25"]
     (HERE / "hmmt25_clean").mkdir(exist_ok=True)
     table = pa.table({k: [r[k] for r in hmmt] for k in ("problem_idx", "problem", "answer")})
     pq.write_table(table, HERE / "hmmt25_clean" / "train.parquet")
