@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ class TokenizerSpec:
     special: tuple[str, ...]  # added tokens with special=True (skipped by skip_special_tokens)
     added: tuple[str, ...] = ()  # added tokens that decode as text (e.g. Qwen3's <think>)
     prepend_bos: bool = False  # the tokenizer's post-processor adds bos (Llama's add_bos_token)
-    generation_eos: tuple[str, ...] = field(default=())  # generation_config.eos_token_id (first = config eos)
+    generation_eos: tuple[str, ...] = ()  # generation_config.eos_token_id (first = config eos)
 
 
 # Full-width bar U+FF5C and U+2581 as in the real DeepSeek tokens.
@@ -159,7 +159,7 @@ def build_model(arch: str, tokenizer, seed: int = 0):
     )
 
     spec = SPECS[arch]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (spec.eos, spec.pad, *(spec.generation_eos or ()))}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (spec.eos, spec.pad, *spec.generation_eos)}
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
