@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
+def read_data(name: str) -> list[dict]:
+    """The rows of a bundled `data/` JSONL file."""
+    with (DATA_DIR / name).open(encoding="utf-8") as f:  # not str.splitlines(): rows may hold U+2028
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")

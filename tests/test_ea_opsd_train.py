@@ -12,10 +12,10 @@ from pathlib import Path
 import ea_opsd_train
 import pytest
 import torch
+from conftest import REPO_ROOT as REPO
 from opsd_trainer import OPSDConfig
 from transformers import AutoModelForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
 MUST_SHOW = (
     "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "
     "--gradient_accumulation_steps 1 --learning_rate 1e-3 --max_completion_length 8 --max_length 512 --use_peft "

@@ -15,7 +15,7 @@ from pathlib import Path
 import evaluate_math
 import pytest
 import torch
-from conftest import DATA_DIR, REPO_ROOT
+from conftest import DATA_DIR, REPO_ROOT, read_data
 from evaluate_math import (
     PROMPT_SUFFIX,
     EvalArguments,
@@ -40,10 +40,6 @@ RESULT_KEYS = [
 ]  # fmt: skip
 SAMPLE_KEYS = ["predicted_answer", "full_generation", "correct", "formatted"]
 
-
-def _rows(name: str) -> list[dict]:
-    with (DATA_DIR / name).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
@@ -102,7 +98,7 @@ def test_bundled_benchmarks_offline(name: str, count: int, ids: list[int], monke
     assert source == f"data/{name}.jsonl"
     assert "notice:" in caplog.text and f"data/{name}.jsonl" in caplog.text
     assert len(problems) == count and [p.problem_id for p in problems] == ids
-    rows = _rows(f"{name}.jsonl")
+    rows = read_data(f"{name}.jsonl")
     assert [p.problem for p in problems] == [r["problem"] for r in rows]
     assert [p.ground_truth for p in problems] == [str(r["answer"]) for r in rows]
 
@@ -294,7 +290,7 @@ def test_end_to_end_tiny_model_writes_full_schema(tiny_model_dir, tmp_path, sing
     assert (result["base_model"], result["dataset"], result["seed"], result["backend"]) == (str(model), "math500", 0, "hf")
     assert (result["top_p"], result["top_k"], result["enable_thinking"], result["max_new_tokens"]) == (0.8, -1, False, 16)
     assert [r["problem_id"] for r in result["results"]] == [0, 1, 2]
-    assert [r["ground_truth"] for r in result["results"]] == [r["answer"] for r in _rows("math500.jsonl")[:3]]
+    assert [r["ground_truth"] for r in result["results"]] == [r["answer"] for r in read_data("math500.jsonl")[:3]]
     assert not Path(str(out) + ".partial.jsonl").exists() and list(tmp_path.iterdir()) == [out]
     # same seed -> same samples; another seed -> other samples
     again = tmp_path / "again.json"
@@ -440,7 +436,7 @@ def _fake_vllm(recorder: _Recorder, texts_for) -> types.ModuleType:
 
 def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, monkeypatch) -> None:
     model = tiny_model_dir("qwen3")
-    golds = [r["answer"] for r in _rows("aime24.jsonl")[:3]]
+    golds = [r["answer"] for r in read_data("aime24.jsonl")[:3]]
 
     def texts_for(i: int, n: int) -> list[str]:
         # problem 0: 3 right of 4; problem 1: 1 right + 3 without a box (INVALID wins); problem 2: 2-2 tie, wrong first
@@ -469,7 +465,7 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
         n=4, temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, max_tokens=38912, seed=2,
     )]  # fmt: skip
     ((prompts, _, lora_request, _),) = recorder.enqueued  # one engine call with every prompt
-    problems = [r["problem"] for r in _rows("aime24.jsonl")[:3]]
+    problems = [r["problem"] for r in read_data("aime24.jsonl")[:3]]
     assert prompts == [
         f"<|im_start|>user\n{p}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
         "<|im_start|>assistant\n"

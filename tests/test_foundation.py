@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 import tiny_models
 import torch
-from conftest import DATA_DIR
+from conftest import DATA_DIR, read_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
@@ -34,10 +32,6 @@ SPECIAL_TOKENS = {  # (bos, eos, pad) as the real tokenizers ship them
 TINY_ARCHS = ("qwen3", "dsr1_llama", "olmo3_think")
 
 
-def _rows(name: str) -> list[dict]:
-    with (DATA_DIR / name).open(encoding="utf-8") as f:  # not str.splitlines(): rows may hold U+2028
-        return [json.loads(line) for line in f]
-
 
 @pytest.mark.parametrize(
     ("name", "count", "id_key"),
@@ -45,7 +39,7 @@ def _rows(name: str) -> list[dict]:
      ("hmmt25.jsonl", 30, "problem_idx"), ("gsm8k_train.jsonl", 7473, None)],
 )
 def test_data_files_rows_and_columns(name: str, count: int, id_key: str | None) -> None:
-    rows = _rows(name)
+    rows = read_data(name)
     assert len(rows) == count
     if id_key is None:  # training set
         assert all(set(r) == {"problem", "solution"} and r["problem"] and "####" in r["solution"] for r in rows)
@@ -56,14 +50,14 @@ def test_data_files_rows_and_columns(name: str, count: int, id_key: str | None) 
 
 
 def test_data_ids_and_known_answers() -> None:
-    math500 = _rows("math500.jsonl")
+    math500 = read_data("math500.jsonl")
     assert [r["id"] for r in math500] == list(range(500))
     assert {"solution", "subject", "level", "unique_id"} <= set(math500[0])
     assert math500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    aime24 = _rows("aime24.jsonl")
+    aime24 = read_data("aime24.jsonl")
     assert [r["id"] for r in aime24] == list(range(60, 90)) and aime24[7]["answer"] == "025"
-    assert [r["problem_idx"] for r in _rows("aime25.jsonl")] == list(range(1, 31))
-    hmmt = _rows("hmmt25.jsonl")
+    assert [r["problem_idx"] for r in read_data("aime25.jsonl")] == list(range(1, 31))
+    hmmt = read_data("hmmt25.jsonl")
     assert hmmt[16]["answer"] == "2^{25} \\cdot 26!"
     table = pq.read_table(DATA_DIR / "hmmt25_clean" / "train.parquet").to_pylist()
     assert table == [{k: r[k] for k in ("problem_idx", "problem", "answer")} for r in hmmt]

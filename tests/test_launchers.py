@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT as REPO
 from validate_eval_result import eval_file_problems, eval_result_problems
 from validate_eval_result import main as validate_main
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
 SYSTEM_PATH = "/usr/bin:/bin"
 VENV_BIN = str(Path(sys.executable).parent)

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import DATA_DIR
+from conftest import DATA_DIR, REPO_ROOT, read_data
 from eval_metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -198,7 +198,7 @@ def test_strict_grader_keeps_every_other_reference_verdict() -> None:
 
 
 def _math500_pairs(count: int, seed: int) -> list[tuple[str, str]]:
-    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+    golds = [r["answer"] for r in read_data("math500.jsonl")]
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
@@ -305,7 +305,7 @@ def test_pool_grades_like_grade_answer_and_caches(pool: MathGrader) -> None:
 
 def test_grade_problems_equals_in_process_grading(pool: MathGrader) -> None:
     rng = random.Random(3)
-    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")][:40]
+    golds = [r["answer"] for r in read_data("math500.jsonl")][:40]
     problems = []
     for gold in golds:
         pool_answers = [gold, gold.replace(" ", ""), rng.choice(golds), rng.choice(golds), None]
@@ -431,8 +431,8 @@ def _mutations(strings: list[str], count: int, seed: int) -> list[str]:
     return soup + inserted
 
 
-def test_fast_parsing_returns_and_raises_exactly_what_math_verify_does(repo_root) -> None:
-    golds = [str(json.loads(line)["answer"]) for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+def test_fast_parsing_returns_and_raises_exactly_what_math_verify_does() -> None:
+    golds = [str(r["answer"]) for r in read_data("math500.jsonl")]
     others = [
         str(json.loads(line)["answer"])
         for name in ("aime24", "aime25", "hmmt25")
@@ -440,7 +440,7 @@ def test_fast_parsing_returns_and_raises_exactly_what_math_verify_does(repo_root
     ]
     strings = sorted(set(golds + others + _mutations(golds, 150, seed=5)))
     payload = json.dumps(strings)
-    script = str(repo_root / "tests" / "latex_parse_dump.py")
+    script = str(REPO_ROOT / "tests" / "latex_parse_dump.py")
     runs = [
         subprocess.Popen([sys.executable, script, *flag], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for flag in ([], ["--fast"])
@@ -459,7 +459,7 @@ def test_cached_parses_give_the_verdicts_of_fresh_parses() -> None:
     from math_grader import _dollar_wrap, _parse
 
     rng = random.Random(11)
-    golds = [json.loads(line)["answer"] for line in (DATA_DIR / "math500.jsonl").open(encoding="utf-8")]
+    golds = [r["answer"] for r in read_data("math500.jsonl")]
     extra = ["0.5", "\\frac{1}{2}", "50\\%", "x = 2", "(0,12.5)", "0<x<12.5", "\\{1,2\\}", "2,1", "\\text{(C)}"]
     strings = sorted(set(rng.sample(golds, 40) + extra))
     before = {s: canonical(_parse(_dollar_wrap(s))) for s in strings}
