@@ -177,10 +177,6 @@ def load_benchmark(name: str, data_file: str | None = None) -> tuple[list[Proble
 
         try:
             rows = list(datasets.load_dataset(benchmark.hub_id, split=benchmark.split))
-            source = f"hf://{benchmark.hub_id}/{benchmark.split}"
-            return rows_to_problems(rows, benchmark, source), source
-        except UserError:
-            raise
         except Exception as e:
             logger.warning(
                 "notice: cannot load %s from the hub (%s); using the bundled %s",
@@ -188,6 +184,9 @@ def load_benchmark(name: str, data_file: str | None = None) -> tuple[list[Proble
                 type(e).__name__,
                 bundled.relative_to(REPO_ROOT),
             )
+        else:
+            source = f"hf://{benchmark.hub_id}/{benchmark.split}"
+            return rows_to_problems(rows, benchmark, source), source
     return rows_to_problems(load_local_rows(bundled), benchmark, str(bundled)), str(bundled.relative_to(REPO_ROOT))
 
 
