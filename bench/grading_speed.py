@@ -37,12 +37,9 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "eval"))
-
-from math_grader import MathGrader, default_num_workers, extract_boxed_answer, warm_up  # noqa: E402
+from pwopsd.evaluation.grader import MathGrader, default_num_workers, extract_boxed_answer, warm_up
+from pwopsd.io import REPO_ROOT
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The reference-style implementation (SPEC §7.6–7.7), written independently of math_grader.

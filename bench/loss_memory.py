@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -43,8 +42,7 @@ def run_worker(cfg: dict) -> dict:
     """One variant in this process: build inputs, measure forward + backward, return the figures."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "code"))
-    from distill_losses import chunked_distillation_loss, compute_distillation_loss
+    from pwopsd.losses import chunked_distillation_loss, compute_distillation_loss
 
     device = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])

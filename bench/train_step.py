@@ -43,13 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_worker(cfg: dict) -> dict:
     """One (model, path) in this process."""
     import torch
-
-    sys.path.insert(0, str(ROOT / "code"))
     from datasets import Dataset
-    from ea_opsd_trainer import EAOPSDTrainer
-    from opsd_trainer import OPSDConfig, distillation_batch_from_collated
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pwopsd.trainer import EAOPSDTrainer, OPSDConfig, distillation_batch_from_collated
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -182,16 +180,14 @@ def time_steps(trainer, cuda: bool) -> dict:
 
 
 def model_paths(names: list[str]) -> dict[str, str]:
-    sys.path.insert(0, str(ROOT / "code"))
-    import tiny_models
-
+    from pwopsd import models
     paths = {}
     for name in names:
         if name == "tiny":
             out = Path(tempfile.mkdtemp(prefix="bench_tiny_")) / "qwen3"
-            paths[name] = str(tiny_models.build("qwen3", out, seed=0))
+            paths[name] = str(models.build("qwen3", out, seed=0))
         elif name == "smollm2":
-            paths[name] = str(tiny_models.build("smollm2", tiny_models.smollm2_cache_dir()))
+            paths[name] = str(models.build("smollm2", models.smollm2_cache_dir()))
         else:
             raise SystemExit(f"error: unknown model {name!r}: use tiny or smollm2")
     return paths

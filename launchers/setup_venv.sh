@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the CPU environment: creates .venv/ at the repository root when missing and
-# installs the pinned set from pyproject.toml (runtime + dev + demo extras). torch is installed
+# installs the pinned set from pyproject.toml (runtime + dev + demo extras) and the package itself (editable). torch is installed
 # first and exactly, so pip never resolves an unpinned torch (which would pull GBs of CUDA wheels).
 # When nothing changed since the last run (same pyproject.toml and this script) it takes seconds.
 # Usage: bash launchers/setup_venv.sh     (or source it: it then leaves the venv activated)
@@ -35,6 +35,13 @@ PY
   # shellcheck disable=SC2086
   "${pip[@]}" --no-deps ${lines[2]}
   echo "$want" > "$stamp"
+fi
+# The package itself, in editable mode (src/pwopsd): installed again whenever `import pwopsd` does not find this
+# checkout (a fresh venv, a venv shared with another clone, a moved folder).
+if ! "$VENV/bin/python" -c 'import sys, pwopsd; sys.exit(pwopsd.__file__ != sys.argv[1])' \
+  "$SETUP_ROOT/src/pwopsd/__init__.py" 2>/dev/null; then
+  echo "[setup] installing pwopsd from $SETUP_ROOT in editable mode"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q --no-deps -e "$SETUP_ROOT"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

@@ -37,13 +37,12 @@ def read_data(name: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Callable fixture: `tiny_model_dir("qwen3")` -> folder with a saved tiny model and tokenizer (built once)."""
-    import tiny_models
-
+    from pwopsd import models
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in built:
-            built[arch] = tiny_models.build(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0)
+            built[arch] = models.build(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0)
         return built[arch]
 
     return get
@@ -52,6 +51,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from GGUF once (cached across sessions)."""
-    import tiny_models
-
-    return tiny_models.build("smollm2", tiny_models.smollm2_cache_dir())
+    from pwopsd import models
+    return models.build("smollm2", models.smollm2_cache_dir())

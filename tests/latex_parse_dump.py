@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
 
 def canonical(value: Any) -> Any:
@@ -58,7 +55,7 @@ def dump(strings: list[str]) -> dict[str, list[Any]]:
 def main() -> int:
     logging.disable(logging.CRITICAL)
     if "--fast" in sys.argv[1:]:
-        from math_grader import install_fast_parsing
+        from pwopsd.evaluation.grader import install_fast_parsing
 
         install_fast_parsing()
     json.dump(dump(json.load(sys.stdin)), sys.stdout)

@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_collator import (
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pwopsd.collator import (
     SelfDistillationDataCollator,
     patch_unclosed_think,
     student_message,
     teacher_message,
     teacher_prompt_text,
 )
-from opsd_trainer import (
+from pwopsd.trainer import (
     IGNORE_INDEX,
     build_distillation_batch,
     compact_position_ids,
     distillation_batch_from_collated,
     prompt_token_lists,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROBLEM = "Let x be a real number. Find x."
 SOLUTION = "We compute x = 42.\nThe answer is \\boxed{42}."

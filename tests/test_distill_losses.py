@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from distill_losses import (
+
+from pwopsd.losses import (
     METHODS,
     LossHParams,
     check_hparams,

@@ -10,9 +10,10 @@ import math
 
 import pytest
 import torch
-from distill_losses import METHODS, chunked_distillation_loss, compute_distillation_loss, position_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pwopsd.losses import METHODS, chunked_distillation_loss, compute_distillation_loss, position_weights
 
 F64 = torch.float64
 MASK = torch.tensor(

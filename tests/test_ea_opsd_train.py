@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ea_opsd_train
 import pytest
 import torch
 from conftest import REPO_ROOT as REPO
-from opsd_trainer import OPSDConfig
 from transformers import AutoModelForCausalLM
+
+from pwopsd import train
+from pwopsd.trainer import OPSDConfig
 
 MUST_SHOW = (
     "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "
@@ -136,14 +137,14 @@ def test_run_config_names_output_dir_and_wandb_run(tmp_path, monkeypatch):
         gradient_accumulation_steps=2,
         wandb_project="pwopsd",
     )
-    ea_opsd_train.apply_run_config(args)
+    train.apply_run_config(args)
     assert args.output_dir == str(tmp_path / "outputs" / "qwen3_4b_base_pwopsd")
     assert args.run_name == "qwen3_4b_base_pwopsd_lr5e-6_bs8"  # x4 processes in the launchers gives bs32
     assert os.environ["WANDB_PROJECT"] == "pwopsd"
-    ea_opsd_train.apply_run_config(args)  # already ends with the name: not appended twice
+    train.apply_run_config(args)  # already ends with the name: not appended twice
     assert args.output_dir == str(tmp_path / "outputs" / "qwen3_4b_base_pwopsd")
-    assert ea_opsd_train.format_learning_rate(1e-3) == "0.001"
-    assert ea_opsd_train.format_learning_rate(1.5e-5) == "1.5e-5"
+    assert train.format_learning_rate(1e-3) == "0.001"
+    assert train.format_learning_rate(1.5e-5) == "1.5e-5"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_user_errors_are_one_line(case, tiny_model_dir, train_jsonl, tmp_path, m
     spec = setup.get("data")
     monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(data.get(spec, spec) if spec else train_jsonl))
     model = setup.get("model", str(tiny_model_dir("qwen3")))
-    rc = ea_opsd_train.main(_argv(model, tmp_path / "out", extra))
+    rc = train.main(_argv(model, tmp_path / "out", extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err and err[-1].startswith("ea_opsd_train.py: error: "), err
@@ -258,13 +259,13 @@ def test_dataset_sources(tmp_path):
     pd.DataFrame(rows[:1]).to_parquet(snapshot / "test-00000-of-00001.parquet")
     (tmp_path / "snap" / "README.md").write_text("# card")
     for spec, n in ((tmp_path / "a.jsonl", 2), (snapshot / "train-00000-of-00001.parquet", 2), (tmp_path / "snap", 2)):
-        dataset = ea_opsd_train.load_train_dataset(str(spec))
+        dataset = train.load_train_dataset(str(spec))
         assert dataset.column_names == ["problem", "solution"] and len(dataset) == n
         assert dataset[1] == {"problem": "p2", "solution": "s2"}
 
 
-@pytest.mark.parametrize("module", ["ea_opsd_train", "evaluate_math"])
-def test_first_line_of_an_error_message(module):
-    first_line = __import__(module).first_line
+def test_first_line_of_an_error_message():
+    from pwopsd.io import first_line
+
     assert first_line(OSError("  cannot open\nTraceback details")) == "cannot open"
     assert first_line(OSError()) == "OSError" and first_line(ValueError("   ")) == "ValueError"  # never IndexError

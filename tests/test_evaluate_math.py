@@ -12,11 +12,12 @@ import time
 import types
 from pathlib import Path
 
-import evaluate_math
 import pytest
 import torch
 from conftest import DATA_DIR, REPO_ROOT, read_data
-from evaluate_math import (
+
+from pwopsd.evaluation import evaluate
+from pwopsd.evaluation.evaluate import (
     PROMPT_SUFFIX,
     EvalArguments,
     PresencePenaltyLogitsProcessor,
@@ -26,7 +27,7 @@ from evaluate_math import (
     main,
     sampling_processors,
 )
-from math_grader import NO_BOXED_ANSWER, extract_boxed_answer
+from pwopsd.evaluation.grader import NO_BOXED_ANSWER, extract_boxed_answer
 
 TOP_KEYS = [  # SPEC §7.9, in order
     "base_model", "dataset", "enable_thinking", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
@@ -117,7 +118,7 @@ def test_hmmt25_reads_the_parquet_path(monkeypatch, tmp_path) -> None:
 def test_hub_rows_are_mapped_like_the_reference(monkeypatch) -> None:
     import datasets
 
-    monkeypatch.setattr(evaluate_math, "_hub_unavailable", lambda: None)
+    monkeypatch.setattr(evaluate, "_hub_unavailable", lambda: None)
     real_load_dataset = datasets.load_dataset
     calls = []
 
@@ -190,7 +191,7 @@ def test_defaults_follow_spec() -> None:
     assert (args.gpu_memory_utilization, args.backend, args.grader, args.trust_remote_code, args.resume) == (0.9, "auto", "reference", False, True)
     thinking = EvalArguments(base_model="m", dataset="math500", output_file="o.json", enable_thinking=True)
     assert (thinking.top_p, thinking.max_model_len) == (0.95, 40960)
-    parsed = evaluate_math.parse_args(
+    parsed = evaluate.parse_args(
         ["--base_model", "m", "--dataset", "aime24", "--output_file", "o", "--enable_thinking", "--no_resume", "--seed", "3"]
     )
     assert (parsed.enable_thinking, parsed.resume, parsed.seed, parsed.top_p) == (True, False, 3, 0.95)
@@ -252,7 +253,7 @@ def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
     for penalty in (0.0, 1.5):
         args = EvalArguments(base_model=str(model_dir), dataset="d", output_file="o", temperature=0.0,
                              presence_penalty=penalty, max_new_tokens=24, val_n=2)  # fmt: skip
-        backend = evaluate_math.HFBackend(args, tokenizer)
+        backend = evaluate.HFBackend(args, tokenizer)
         [(index, texts[penalty])] = list(backend.generate([prompt], [0]))
         assert index == 0 and texts[penalty][0] == texts[penalty][1]  # val_n copies of the one greedy answer
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -271,7 +272,7 @@ def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
 
 
 def test_problem_seeds_differ_across_seeds_and_problems() -> None:
-    seeds = {evaluate_math.problem_seed(s, i) for s in range(3) for i in range(500)}
+    seeds = {evaluate.problem_seed(s, i) for s in range(3) for i in range(500)}
     assert len(seeds) == 1500
 
 
@@ -356,7 +357,7 @@ def test_partial_file_checks(tiny_model_dir, tmp_path, capsys) -> None:
     partial = Path(str(out) + ".partial.jsonl")
     argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
             "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
-    settings = evaluate_math.run_settings(evaluate_math.parse_args(argv), "hf")
+    settings = evaluate.run_settings(evaluate.parse_args(argv), "hf")
     header = json.dumps({"pwopsd_partial": 1, "settings": settings})
     # a finished problem is reused as is, not regenerated
     partial.write_text(header + "\n" + json.dumps({"index": 0, "problem_id": 60, "generations": ["so \\boxed{204}"]}) + "\n")
@@ -494,9 +495,9 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
 
 
 def test_backend_auto_without_vllm_is_hf(monkeypatch) -> None:
-    monkeypatch.setattr(evaluate_math.importlib.util, "find_spec", lambda name: None)
-    assert evaluate_math.resolve_backend("auto") == "hf"
-    assert evaluate_math.resolve_backend("vllm") == "vllm"
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
+    assert evaluate.resolve_backend("auto") == "hf"
+    assert evaluate.resolve_backend("vllm") == "vllm"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -515,7 +516,8 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
 def test_row_sampler_draws_from_the_processed_distribution() -> None:
     """RowSampler picks token i with probability softmax(scores)_i (masked tokens never), one generator per row."""
     import torch
-    from evaluate_math import RowSampler
+
+    from pwopsd.evaluation.evaluate import RowSampler
 
     torch.manual_seed(0)
     logits = torch.randn(1, 7)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-import tiny_models
 import torch
 from conftest import DATA_DIR, read_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pwopsd import models
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 OLMO_SYSTEM = (
@@ -107,9 +108,9 @@ def test_llama_tokenizer_adds_bos_like_the_real_one(tiny_model_dir) -> None:
 
 
 def test_tiny_models_are_seeded(tmp_path) -> None:
-    a = tiny_models.build("qwen3", tmp_path / "a", seed=3)
-    b = tiny_models.build("qwen3", tmp_path / "b", seed=3)
-    c = tiny_models.build("qwen3", tmp_path / "c", seed=4)
+    a = models.build("qwen3", tmp_path / "a", seed=3)
+    b = models.build("qwen3", tmp_path / "b", seed=3)
+    c = models.build("qwen3", tmp_path / "c", seed=4)
     wa, wb, wc = (AutoModelForCausalLM.from_pretrained(p).model.embed_tokens.weight for p in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert (a / "tokenizer.json").read_text() == (c / "tokenizer.json").read_text()
@@ -117,14 +118,14 @@ def test_tiny_models_are_seeded(tmp_path) -> None:
 
 def test_unknown_arch_is_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown --arch 'gpt2'"):
-        tiny_models.build("gpt2", tmp_path)
+        models.build("gpt2", tmp_path)
 
 
 @pytest.mark.slow
 def test_smollm2_converts_once_and_answers(smollm2_dir) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    assert tiny_models.is_converted(smollm2_dir)
+    assert models.is_converted(smollm2_dir)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2? Answer briefly."}], tokenize=False,

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT as REPO
-from validate_eval_result import eval_file_problems, eval_result_problems
-from validate_eval_result import main as validate_main
+
+from pwopsd.evaluation.validate import eval_file_problems, eval_result_problems
+from pwopsd.evaluation.validate import main as validate_main
 
 LAUNCHERS = REPO / "launchers"
 SYSTEM_PATH = "/usr/bin:/bin"
@@ -432,13 +433,12 @@ def test_interrupted_run_resumes_and_finished_run_only_merges(sandbox):
 
 def test_launcher_arguments_parse_with_the_real_trainer_cli(sandbox):
     """Every launcher's training arguments go through ea_opsd_train.py's own parser and land in the right fields."""
-    import ea_opsd_train
-
+    from pwopsd.train import _parser
     for prefix, method in LAUNCHER_CASES:
         lines = stdout_lines(run(sandbox, f"run_{prefix}_{method}_train.sh", WANDB_MODE="offline", DRY_RUN="1"))
         tokens = find_line(lines, "accelerate launch")
         args = tokens[tokens.index("code/ea_opsd_train.py") + 1 :]
-        script_args, train, model = ea_opsd_train._parser().parse_args_and_config(args)
+        script_args, train, model = _parser().parse_args_and_config(args)
         run_tag, model_id, per_device, grad_accum, vllm_mem = MODELS[prefix]
         assert (model.model_name_or_path, train.method, train.run_config) == (model_id, method, f"{run_tag}_{method}")
         assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (

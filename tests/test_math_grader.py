@@ -15,10 +15,18 @@ import time
 
 import pytest
 from conftest import DATA_DIR, REPO_ROOT, read_data
-from eval_metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from math_grader import MajorityVote, MathGrader, extract_boxed_answer, grade_answer, grade_problem, majority_vote
+
+from pwopsd.evaluation.grader import (
+    MajorityVote,
+    MathGrader,
+    extract_boxed_answer,
+    grade_answer,
+    grade_problem,
+    majority_vote,
+)
+from pwopsd.evaluation.metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Naive implementations written from SPEC
@@ -456,7 +464,8 @@ def test_fast_parsing_returns_and_raises_exactly_what_math_verify_does() -> None
 def test_cached_parses_give_the_verdicts_of_fresh_parses() -> None:
     # every string parsed once and its objects reused by many verify calls == a fresh parse for every call
     from latex_parse_dump import canonical
-    from math_grader import _dollar_wrap, _parse
+
+    from pwopsd.evaluation.grader import _dollar_wrap, _parse
 
     rng = random.Random(11)
     golds = [r["answer"] for r in read_data("math500.jsonl")]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-import merge_lora
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pwopsd import merge
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _logits(model, ids):
 
 def test_merged_logits_equal_peft_logits(adapter, tmp_path):
     base_dir, adapter_dir = adapter
-    out = merge_lora.merge_lora(str(base_dir), str(adapter_dir), tmp_path / "merged", dtype="float32")
+    out = merge.merge_lora(str(base_dir), str(adapter_dir), tmp_path / "merged", dtype="float32")
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(1))
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     base_logits = _logits(base, ids)
@@ -52,11 +53,11 @@ def test_merged_logits_equal_peft_logits(adapter, tmp_path):
 
 def test_default_merge_is_bf16_like_the_reference(adapter, tmp_path):
     base_dir, adapter_dir = adapter
-    assert merge_lora.main([str(base_dir), str(adapter_dir), str(tmp_path / "m")]) == 0
+    assert merge.main([str(base_dir), str(adapter_dir), str(tmp_path / "m")]) == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     # re-running replaces the folder (safe re-run)
-    assert merge_lora.main([str(base_dir), str(adapter_dir), str(tmp_path / "m")]) == 0
+    assert merge.main([str(base_dir), str(adapter_dir), str(tmp_path / "m")]) == 0
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_user_errors_are_one_line(adapter, tmp_path, capsys, which, message):
         argv[0] = str(tmp_path / "missing_base")
     else:
         argv += ["--dtype", "float7"]
-    assert merge_lora.main(argv) == 2
+    assert merge.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("merge_lora.py: error: ") and message in err[0]
     assert not (tmp_path / "m").exists()
@@ -93,5 +94,5 @@ def test_a_failed_save_leaves_no_partial_folder(adapter, tmp_path, monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
     base_dir, adapter_dir = adapter
     with pytest.raises(OSError, match="No space left"):
-        merge_lora.merge_lora(str(base_dir), str(adapter_dir), str(tmp_path / "merged"))
+        merge.merge_lora(str(base_dir), str(adapter_dir), str(tmp_path / "merged"))
     assert list(tmp_path.iterdir()) == []  # neither the output nor its tmp folder

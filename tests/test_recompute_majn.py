@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import recompute_majn
-from math_grader import NO_BOXED_ANSWER
 from test_math_grader import naive_grade, naive_majority
+
+from pwopsd.evaluation import recompute
+from pwopsd.evaluation.grader import NO_BOXED_ANSWER
 
 
 def _sample(pred: str | None, formatted: bool | None = None) -> dict:
@@ -50,7 +51,7 @@ def test_dry_run_reports_and_changes_nothing(tmp_path, capsys) -> None:
     _write_result(path)
     before = path.read_bytes()
     assert _naive_pct(PROBLEMS) == 50.0  # the hand count
-    assert recompute_majn.main([str(tmp_path / "*.json"), "--summary_file", str(tmp_path / "s.json")]) == 0
+    assert recompute.main([str(tmp_path / "*.json"), "--summary_file", str(tmp_path / "s.json")]) == 0
     assert f"{path}: Maj@N 75.00 -> 50.00 (2/4)" in capsys.readouterr().out
     assert path.read_bytes() == before and not (tmp_path / "s.json").exists()
 
@@ -60,7 +61,7 @@ def test_apply_round_trip_keeps_the_first_old_values(tmp_path, capsys) -> None:
     _write_result(a)
     _write_result(b, problems=PROBLEMS[1:3], old_pct=100.0)  # 1 of 2 right
     summary = tmp_path / "summary" / "majn_recomputed_summary.json"
-    assert recompute_majn.main([str(tmp_path / "*.json"), "--apply", "--summary_file", str(summary)]) == 0
+    assert recompute.main([str(tmp_path / "*.json"), "--apply", "--summary_file", str(summary)]) == 0
     data = json.loads(a.read_text())
     assert (data["majority_vote_at_n"], data["majority_vote_at_n_pct"]) == (2, 50.0)
     assert (data["majority_vote_at_n_old_buggy"], data["majority_vote_at_n_pct_old_buggy"]) == (3, 75.0)
@@ -72,7 +73,7 @@ def test_apply_round_trip_keeps_the_first_old_values(tmp_path, capsys) -> None:
         {"file": str(b), "old_pct": 100.0, "new_pct": 50.0},
     ]
     # a second --apply is safe: the original (buggy) values stay under *_old_buggy
-    assert recompute_majn.main([str(a), "--apply", "--summary_file", str(summary)]) == 0
+    assert recompute.main([str(a), "--apply", "--summary_file", str(summary)]) == 0
     again = json.loads(a.read_text())
     assert (again["majority_vote_at_n_old_buggy"], again["majority_vote_at_n_pct_old_buggy"]) == (3, 75.0)
     assert again["majority_vote_at_n_pct"] == 50.0
@@ -80,12 +81,12 @@ def test_apply_round_trip_keeps_the_first_old_values(tmp_path, capsys) -> None:
 
 
 def test_relative_pattern_is_taken_from_the_repository_root(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(recompute_majn, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(recompute, "REPO_ROOT", tmp_path)
     (tmp_path / "eval_results").mkdir()
     _write_result(tmp_path / "eval_results" / "qwen3_4b_base_opsd_38k_seed0.json")
     _write_result(tmp_path / "eval_results" / "dsr1_l8b_opsd_38k_seed0.json")
     monkeypatch.chdir(tmp_path / "eval_results")  # the working directory does not matter
-    assert recompute_majn.main(["--summary_file", str(tmp_path / "s.json")]) == 0  # default pattern
+    assert recompute.main(["--summary_file", str(tmp_path / "s.json")]) == 0  # default pattern
     out = capsys.readouterr().out
     assert "eval_results/qwen3_4b_base_opsd_38k_seed0.json: Maj@N 75.00 -> 50.00" in out and "dsr1" not in out
 
@@ -96,7 +97,7 @@ def test_bad_files_get_one_line_each_and_a_failing_exit(tmp_path, capsys) -> Non
     (tmp_path / "foreign.json").write_text(json.dumps({"hello": "world"}))
     (tmp_path / "list.json").write_text(json.dumps([1, 2]))
     (tmp_path / "nogt.json").write_text(json.dumps({"results": [{"generations": []}]}))
-    assert recompute_majn.main([str(tmp_path / "*.json"), "--apply", "--summary_file", str(tmp_path / "s.json")]) == 1
+    assert recompute.main([str(tmp_path / "*.json"), "--apply", "--summary_file", str(tmp_path / "s.json")]) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("recompute_majn.py: error:")]
     assert len(errors) == 4
@@ -116,13 +117,13 @@ def test_bad_files_get_one_line_each_and_a_failing_exit(tmp_path, capsys) -> Non
 )  # fmt: skip
 def test_bad_grading_flags_are_one_line_errors(flags: list[str], message: str, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        recompute_majn.main([str(tmp_path / "*.json"), *flags])
+        recompute.main([str(tmp_path / "*.json"), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err)
 
 
 def test_no_matching_file(tmp_path, capsys) -> None:
-    assert recompute_majn.main([str(tmp_path / "*.json")]) == 1
+    assert recompute.main([str(tmp_path / "*.json")]) == 1
     assert "no file matches" in capsys.readouterr().err
 
 
@@ -133,4 +134,4 @@ def test_no_matching_file(tmp_path, capsys) -> None:
      ({"predicted_answer": "5", "formatted": False}, False)],
 )  # fmt: skip
 def test_formatted_status(sample: dict, expected: bool) -> None:
-    assert recompute_majn.is_formatted(sample) is expected
+    assert recompute.is_formatted(sample) is expected

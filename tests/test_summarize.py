@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import summarize
+
+from pwopsd.evaluation import summarize
 
 DATASETS = ("math500", "aime24", "aime25", "hmmt25")
 

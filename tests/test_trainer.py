@@ -9,22 +9,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
-import opsd_trainer
 import pytest
 import torch
-from data_collator import SelfDistillationDataCollator
 from datasets import Dataset
-from distill_losses import METHODS
-from ea_opsd_trainer import EAOPSDTrainer
-from opsd_trainer import (
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pwopsd import trainer as trainer_module
+from pwopsd.collator import SelfDistillationDataCollator
+from pwopsd.losses import METHODS
+from pwopsd.trainer import (
     ConfigError,
+    EAOPSDTrainer,
     EMATeacher,
     OPSDConfig,
     build_distillation_batch,
     distillation_batch_from_collated,
 )
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROWS = [
     {"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}
@@ -379,11 +380,11 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
     built = []  # (prompt ids, completion) of every micro-batch that was trained on
 
     def spy(**kwargs):
-        prompts = opsd_trainer.prompt_token_lists(kwargs["student_prompts"], kwargs["student_prompt_attention_mask"])
+        prompts = trainer_module.prompt_token_lists(kwargs["student_prompts"], kwargs["student_prompt_attention_mask"])
         built.extend(zip(map(tuple, prompts), kwargs["completions"]))
         return build_distillation_batch(**kwargs)
 
-    monkeypatch.setattr(opsd_trainer, "build_distillation_batch", spy)
+    monkeypatch.setattr(trainer_module, "build_distillation_batch", spy)
     path = tiny_model_dir("qwen3")
     args = make_args(
         tmp_path,

@@ -32,14 +32,6 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GOLDConfig lives in trl.experimental (as in the reference)
 
 from accelerate.utils import gather_object, is_peft_model
-from data_collator import TEACHER_THINK_MODES, SelfDistillationDataCollator
-from distill_losses import (
-    METHODS,
-    check_hparams,
-    chunked_distillation_loss,
-    compute_distillation_loss,
-    loss_hparams_from_args,
-)
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -48,6 +40,16 @@ from trl.experimental.gold import GOLDConfig
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import disable_dropout_in_model
+
+from pwopsd.collator import TEACHER_THINK_MODES, SelfDistillationDataCollator
+from pwopsd.io import atomic_write_text
+from pwopsd.losses import (
+    METHODS,
+    check_hparams,
+    chunked_distillation_loss,
+    compute_distillation_loss,
+    loss_hparams_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -524,7 +526,7 @@ class OPSDTrainer(SFTTrainer):
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "opsd", "pwopsd"]
-    _name = "OPSD"
+    _name = "EA-OPSD"
 
     def __init__(
         self,
@@ -536,6 +538,9 @@ class OPSDTrainer(SFTTrainer):
         data_collator=None,
         callbacks: list[TrainerCallback] | None = None,
     ) -> None:
+        if args.method is None or args.method not in METHODS:
+            got = "missing" if args.method is None else f"{args.method!r}"
+            raise ConfigError(f"--method is {got}: choose one of {', '.join(METHODS)}")
         tokenizer = processing_class
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -627,8 +632,8 @@ class OPSDTrainer(SFTTrainer):
     # --- properties ----------------------------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """The `distill_losses.METHODS` key this trainer optimises."""
-        return "opsd"
+        """The `METHODS` key this trainer optimises (`--method`)."""
+        return self.args.method
 
     @staticmethod
     def _eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -944,9 +949,7 @@ class OPSDTrainer(SFTTrainer):
         out_dir = Path(self.args.output_dir) / "generations"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"generations_step_{step}.json"
-        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1), fsync=False)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -962,3 +965,7 @@ class OPSDTrainer(SFTTrainer):
                 raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
         self._resume_dir = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+EAOPSDTrainer = OPSDTrainer
+"""The reference's name of the trainer that dispatches `--method` (kept so its imports keep working)."""

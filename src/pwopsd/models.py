@@ -1,6 +1,6 @@
 """Offline models for tests and the CPU demo.
 
-`python code/tiny_models.py --arch {qwen3,dsr1_llama,olmo3_think,smollm2} --out DIR [--seed N]`
+`pwopsd-tiny-model --arch {qwen3,dsr1_llama,olmo3_think,smollm2} --out DIR [--seed N]`
 
 * `qwen3`, `dsr1_llama`, `olmo3_think`: a randomly initialised causal LM of the family's architecture
   (Qwen3ForCausalLM, LlamaForCausalLM, Olmo3ForCausalLM; < 5 M parameters) with a byte-level BPE tokenizer trained
@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES_DIR = REPO_ROOT / "data" / "templates"
+from pwopsd.io import TEMPLATES_DIR, atomic_write_dir
+
 ARCHS = ("qwen3", "dsr1_llama", "olmo3_think", "smollm2")
 
 logger = logging.getLogger(__name__)
@@ -246,16 +246,12 @@ def convert_smollm2(out: Path) -> Path:
     tokenizer.clean_up_tokenization_spaces = False
     if not tokenizer.chat_template:
         tokenizer.chat_template = (TEMPLATES_DIR / "SmolLM2-135M-Instruct.jinja").read_text(encoding="utf-8")
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / ".pwopsd_converted").write_text(json.dumps({"source": gguf.name, "dtype": SMOLLM2_DTYPE}))
-    if out.exists():
-        import shutil
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / ".pwopsd_converted").write_text(json.dumps({"source": gguf.name, "dtype": SMOLLM2_DTYPE}))
 
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return atomic_write_dir(out, write)
 
 
 def build(arch: str, out: Path, seed: int = 0) -> Path:
@@ -278,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[tiny_models] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[pwopsd-tiny-model] %(message)s")
     path = build(args.arch, args.out, seed=args.seed)
     logger.info("wrote %s model to %s", args.arch, path)
     return 0

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark → prompt → generate → extract → grade → vote → metrics → result file → validate → summarize."""

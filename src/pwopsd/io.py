@@ -1,0 +1,83 @@
+"""What every entry point shares: one-line user errors, atomic writes, and the repository's paths.
+
+Two promises rest on this module. A user mistake (a bad flag, a missing file, a corrupt result) is reported as one line
+that names the flag or file and the fix, never as a traceback: raise `UserError` and let `run_main` print it. And a
+result is never half-written: files and folders are written under a temporary name next to their destination and
+renamed into place, so a kill or a full disk leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: `outputs/`, `eval_results/` and the bundled `data/` are anchored here (editable install)."""
+DATA_DIR = REPO_ROOT / "data"
+TEMPLATES_DIR = DATA_DIR / "templates"
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, no traceback, exit status 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    return str(err).strip().partition("\n")[0] or type(err).__name__
+
+
+def run_main(run: Callable[[], int], prog: str) -> int:
+    """Call `run()`; a `UserError` becomes `"{prog}: error: {message}"` on stderr and exit status 2."""
+    try:
+        return run()
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> None:
+    """Write `text` to a temporary file in the same folder, (fsync,) then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented UTF-8 JSON with a final newline, written atomically (fsynced)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh `OUT.tmp-PID` folder with `write(tmp)`, then replace `out` with it.
+
+    A failure inside `write` (a full disk, Ctrl-C) removes the temporary folder, so no multi-GB half-written folder is
+    left behind and an existing `out` is untouched.
+    """
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+

@@ -1,0 +1,202 @@
+"""Train a LoRA adapter by on-policy self-distillation (SPEC §2).
+
+    PWOPSD_TRAIN_DATASET=train.jsonl python code/ea_opsd_train.py --model_name_or_path MODEL --method pwopsd \\
+        --output_dir outputs/run --use_peft --fixed_teacher ...
+
+Flags: every field of `OPSDConfig` (GOLDConfig + SPEC §2.2), TRL's `ModelConfig` (model, LoRA) and the script
+arguments below. The dataset is `PWOPSD_TRAIN_DATASET` (default `siyanzhao/Openthoughts_math_30k_opsd`), or
+`--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file or a folder of them (files whose name
+contains `train` if there are any, e.g. a Hub snapshot's `data/train-*.parquet`); only `problem` and `solution` are
+read. User errors (bad flags, unreadable data, missing model) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pwopsd.io import UserError, first_line, run_main
+
+DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
+REQUIRED_COLUMNS = ("problem", "solution")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+logger = logging.getLogger("ea_opsd_train")
+
+
+def _script_arguments_cls():
+    from trl import ScriptArguments
+
+    @dataclass
+    class OPSDScriptArguments(ScriptArguments):
+        """TRL's script arguments; `--dataset_name` overrides PWOPSD_TRAIN_DATASET; `--torch_dtype` is the reference's
+        spelling of ModelConfig's `--dtype`."""
+
+        torch_dtype: str | None = field(
+            default=None,
+            metadata={"help": "Model dtype (alias of --dtype): bfloat16 | float16 | float32 | auto."},
+        )
+
+    return OPSDScriptArguments
+
+
+def _parser():
+    """`TrlParser((ScriptArguments, OPSDConfig, ModelConfig))` whose argparse errors are one line, not the usage."""
+    from trl import ModelConfig, TrlParser
+
+    from pwopsd.trainer import OPSDConfig
+
+    class _Parser(TrlParser):
+        def error(self, message: str):  # argparse would print the (very long) usage first
+            raise UserError(f"{message} (see --help)")
+
+    return _Parser((_script_arguments_cls(), OPSDConfig, ModelConfig))
+
+
+def resolve_dataset_spec(script_args) -> str:
+    return script_args.dataset_name or os.environ.get("PWOPSD_TRAIN_DATASET") or DEFAULT_DATASET
+
+
+def load_train_dataset(spec: str):
+    """The training split of `spec` (local file/folder or Hub id), reduced to the `problem` and `solution` columns."""
+    from datasets import load_dataset
+
+    path = Path(spec).expanduser()
+    looks_local = path.exists() or path.suffix in DATA_SUFFIXES or spec.startswith(("/", ".", "~"))
+    try:
+        if looks_local:
+            if not path.exists():
+                raise UserError(f"cannot read dataset '{spec}' (PWOPSD_TRAIN_DATASET): no such file or folder")
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+            if len(files) > 1 and any("train" in p.name for p in files):  # a Hub snapshot: keep the train split
+                files = [p for p in files if "train" in p.name]
+            kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
+            if not files or None in kinds or len(kinds) != 1:
+                raise UserError(
+                    f"cannot read dataset '{spec}': expected a .jsonl/.json/.parquet file or a folder of one kind "
+                    f"of them, found {', '.join(sorted(p.name for p in files)[:5]) or 'no data files'}"
+                )
+            dataset = load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        else:
+            dataset = load_dataset(spec, split="train")
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types for unreadable input: report them as one line
+        reason = first_line(err)
+        raise UserError(f"cannot read dataset '{spec}' (PWOPSD_TRAIN_DATASET): {reason}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"dataset '{spec}' lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.column_names)}. "
+            "Provide rows with 'problem' and 'solution' (PWOPSD_TRAIN_DATASET)"
+        )
+    if len(dataset) == 0:
+        raise UserError(f"dataset '{spec}' has no rows")
+    return dataset.select_columns(list(REQUIRED_COLUMNS))
+
+
+def format_learning_rate(lr: float) -> str:
+    """`5e-06` -> `5e-6`, `0.0001` -> `0.0001`: the spelling of the reference's WandB run names."""
+    return re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m.group(1) == '-' else ''}{m.group(2)}", f"{lr:g}")
+
+
+def apply_run_config(training_args) -> None:
+    """`--run_config NAME`: append NAME to output_dir (unless already there), name the WandB run (SPEC §2.1)."""
+    if training_args.wandb_project:
+        os.environ["WANDB_PROJECT"] = training_args.wandb_project
+    name = training_args.run_config
+    if not name:
+        return
+    if Path(training_args.output_dir).name != name:
+        training_args.output_dir = str(Path(training_args.output_dir) / name)
+    batch = training_args.world_size * training_args.per_device_train_batch_size
+    batch *= training_args.gradient_accumulation_steps
+    training_args.run_name = f"{name}_lr{format_learning_rate(training_args.learning_rate)}_bs{batch}"
+
+
+def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = False):
+    """AutoModelForCausalLM with --torch_dtype/--attn_implementation, use_cache off; tokenizer with left padding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_args.model_name_or_path
+    if not path:
+        raise UserError("--model_name_or_path is required (a local folder or a Hub id)")
+    dtype = script_args.torch_dtype or model_args.dtype or "auto"
+    if dtype not in ("auto", None):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise UserError(f"--torch_dtype {dtype!r} is not a torch dtype: use bfloat16, float16, float32 or auto")
+        dtype = getattr(torch, dtype)
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
+        )
+    except OSError as err:
+        reason = first_line(err)
+        raise UserError(f"cannot load --model_name_or_path '{path}': {reason}") from None
+    model.config.use_cache = False
+    return model, tokenizer  # a missing pad token is set by the trainer (pad = eos, as the reference)
+
+
+def run(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    parser = _parser()
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    except ValueError as err:  # config validation (__post_init__) of any of the three dataclasses
+        raise UserError(first_line(err)) from None
+
+    logging.basicConfig(
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    hf_logging.set_verbosity_warning()
+
+    from trl import get_peft_config
+
+    from pwopsd.losses import METHODS
+    from pwopsd.trainer import ConfigError, EAOPSDTrainer
+
+    if training_args.method is None:
+        raise UserError(f"--method is required: {' | '.join(METHODS)}")
+    if training_args.fixed_teacher and not model_args.use_peft:
+        raise UserError("--fixed_teacher needs --use_peft (the teacher is the base model with the adapter disabled)")
+    apply_run_config(training_args)
+
+    dataset = load_train_dataset(resolve_dataset_spec(script_args))
+    model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args.trust_remote_code)
+    try:
+        trainer = EAOPSDTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        resume = training_args.resume_from_checkpoint
+        if isinstance(resume, str) and resume.lower() in ("true", "last"):
+            resume = True
+        elif resume and not Path(resume).is_dir():
+            raise UserError(f"--resume_from_checkpoint '{resume}' is not a folder (or pass 'last')")
+        trainer.train(resume_from_checkpoint=resume or None)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        logger.info("final adapter saved to %s", training_args.output_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: run(argv), "ea_opsd_train.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
