@@ -4,15 +4,16 @@
 
 The set: every MATH-500 gold (the first 100 with --quick) with `--samples` generations each, drawn with a fixed seed
 from equivalent rewrites of the gold, wrong answers and outputs without a box. Both sides extract the last box, grade
-every sample against the gold and take the clustered majority vote (SPEC §7.5–7.7):
+every sample against the gold and take the clustered majority vote (docs/evaluation.md: extraction, grading, Maj@N
+clustering):
 
 * baseline: serial, in the main thread, one `parse` + `parse` + `verify(..., timeout_seconds=5)` per comparison,
-  exactly as the reference's `grade_answer` (SPEC §7.6) and clustering loop (SPEC §7.7); no cache of its own.
-* ours: `math_grader.MathGrader` (worker pool with a hard per-call limit, cache by (prediction, gold), each string
-  parsed once per worker, problems in parallel).
+  exactly as the reference's `grade_answer` and clustering loop; no cache of its own.
+* ours: `pwopsd.evaluation.workers.MathGrader` (worker pool with a hard per-call limit, cache by (prediction, gold),
+  each string parsed once per worker, problems in parallel).
 
 What is timed is the grading phase of an evaluation, both sides starting from the same state: math-verify imported
-and the same generic warm-up done (`math_grader.WARM_UP_PAIRS`, no benchmark answer among them). The baseline does
+and the same generic warm-up done (`grade.WARM_UP_PAIRS`, no benchmark answer among them). The baseline does
 both in this process before its clock; ours' pool does them at start-up (`MathGrader.start()`: interpreter, imports,
 warm-up, forks), before its clock, because `evaluate_math.py` starts the pool before generating and it warms up
 meanwhile. Both start-ups are measured and reported (`*_startup_s`; `speedup_incl_startup` compares start-up +
@@ -38,11 +39,14 @@ import re
 import sys
 import time
 
-from pwopsd.evaluation.grader import MathGrader, default_num_workers, extract_boxed_answer, warm_up
+from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.grade import warm_up
+from pwopsd.evaluation.workers import MathGrader, default_num_workers
 from pwopsd.io import REPO_ROOT
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The reference-style implementation (SPEC §7.6–7.7), written independently of math_grader.
+# The reference-style implementation of grading and voting, written from the reference's rules independently of
+# pwopsd.evaluation.
 
 
 BASELINE_CALLS = [0]  # grade_answer calls made by the baseline

@@ -4,7 +4,7 @@
 
 For each input string: what latex2sympy2 returns or raises for it (as math-verify calls it), and what
 `math_verify.parse("$…$", fallback_mode="no_fallback")` returns. `--fast` first installs the grading workers' parser
-(`math_grader.install_fast_parsing`). Each mode runs in its own process, so neither sees the other's caches.
+(`pwopsd.evaluation.grade.install_fast_parsing`). Each mode runs in its own process, so neither sees the other's caches.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def dump(strings: list[str]) -> dict[str, list[Any]]:
 def main() -> int:
     logging.disable(logging.CRITICAL)
     if "--fast" in sys.argv[1:]:
-        from pwopsd.evaluation.grader import install_fast_parsing
+        from pwopsd.evaluation.grade import install_fast_parsing
 
         install_fast_parsing()
     json.dump(dump(json.load(sys.stdin)), sys.stdout)

@@ -1,4 +1,8 @@
-"""math_grader (SPEC §7.5–7.7, §11.1) and eval_metrics (SPEC §7.8), each against a naive implementation from SPEC."""
+"""Extraction, grading, the clustered vote, the worker pool and the metrics, each against a naive implementation.
+
+The naive implementations are written from the reference's rules (docs/evaluation.md: extraction, grading, Maj@N
+clustering, metrics) and its grader pitfalls (docs/deviations.md#grader-pitfalls), independently of pwopsd's code.
+"""
 
 from __future__ import annotations
 
@@ -18,22 +22,18 @@ from conftest import DATA_DIR, REPO_ROOT, read_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pwopsd.evaluation.grader import (
-    MajorityVote,
-    MathGrader,
-    extract_boxed_answer,
-    grade_answer,
-    grade_problem,
-    majority_vote,
-)
+from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.grade import grade_answer
 from pwopsd.evaluation.metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
+from pwopsd.evaluation.vote import MajorityVote, grade_problem, majority_vote
+from pwopsd.evaluation.workers import MathGrader
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Naive implementations written from SPEC
+# Naive implementations written from the reference's rules
 
 
 def naive_extract(text: str) -> str | None:
-    """SPEC §7.5: last `\\boxed`, brace matching, accept only `\\boxed{...}`, trimmed."""
+    """Extraction (docs/evaluation.md#extraction): last `\\boxed`, brace matching, only `\\boxed{...}`, trimmed."""
     idx = text.rfind("\\boxed")
     if idx < 0:
         return None
@@ -56,7 +56,10 @@ def naive_extract(text: str) -> str | None:
 
 
 def naive_grade(pred: str | None, gt: str) -> bool:
-    """SPEC §7.6 with math-verify's own (signal) time limits, in the main thread, as the reference runs it."""
+    """The reference's grading rule (docs/evaluation.md#grading), as the reference runs it.
+
+    With math-verify's own (signal) time limits, in the main thread.
+    """
     from math_verify import parse, verify
 
     if pred is None:
@@ -71,7 +74,10 @@ def naive_grade(pred: str | None, gt: str) -> bool:
 
 
 def naive_majority(preds, formatted, gt, grade) -> bool:
-    """SPEC §7.7 with a dict of clusters in creation order (INVALID is a key like any other)."""
+    """Clustered Maj@N (docs/evaluation.md#majn-clustering).
+
+    With a dict of clusters in creation order (INVALID is a key like any other).
+    """
     clusters: dict[object, list[int]] = {}
     for i, (p, ok) in enumerate(zip(preds, formatted)):
         if not ok:
@@ -154,7 +160,7 @@ REFERENCE_CASES = [
     ("025", "25", True),
     ("2", "x=2", True),
     ("y=3x+13", "3x-y+13=0", True),
-    ("3x+4y+14=0", "3x-y+13=0", False),  # the SPEC's "equations collapse" pair: not a false positive in 0.9.0
+    ("3x+4y+14=0", "3x-y+13=0", False),  # the "equations collapse" pitfall pair: not a false positive in 0.9.0
     ("0<x<12.5", "(0,12.5)", False),  # pitfall: gold/pred asymmetry ...
     ("(0,12.5)", "0<x<12.5", True),  # ... the other order is True
     ("1+\\frac{1}{\\mathrm{e}}", "1-\\frac{1}{\\mathrm{e}}", True),  # pitfall: \mathrm{e} truncates the parse (to 1)
@@ -174,7 +180,7 @@ REFERENCE_CASES = [
 @pytest.mark.parametrize(("pred", "gold", "expected"), REFERENCE_CASES)
 def test_grade_answer_reference_cases(pred: str | None, gold: str, expected: bool) -> None:
     assert grade_answer(pred, gold) is expected
-    assert naive_grade(pred, gold) is expected  # the case table agrees with the SPEC rule as the reference runs it
+    assert naive_grade(pred, gold) is expected  # the case table agrees with the reference's rule as it runs it
 
 
 STRICT_FIXES = [
@@ -465,7 +471,7 @@ def test_cached_parses_give_the_verdicts_of_fresh_parses() -> None:
     # every string parsed once and its objects reused by many verify calls == a fresh parse for every call
     from latex_parse_dump import canonical
 
-    from pwopsd.evaluation.grader import _dollar_wrap, _parse
+    from pwopsd.evaluation.grade import _dollar_wrap, _parse
 
     rng = random.Random(11)
     golds = [r["answer"] for r in read_data("math500.jsonl")]

@@ -1,4 +1,7 @@
-"""recompute_majn.py (SPEC §8): the clustered Maj@N rule on saved files, --apply round trip, bad files."""
+"""recompute_majn.py (docs/evaluation.md#recomputing-majn).
+
+The clustered Maj@N rule on saved files, the --apply round trip, bad files.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 from test_math_grader import naive_grade, naive_majority
 
 from pwopsd.evaluation import recompute
-from pwopsd.evaluation.grader import NO_BOXED_ANSWER
+from pwopsd.evaluation.extract import NO_BOXED_ANSWER
 
 
 def _sample(pred: str | None, formatted: bool | None = None) -> dict:
@@ -19,9 +22,10 @@ def _sample(pred: str | None, formatted: bool | None = None) -> dict:
     return sample
 
 
-# Each problem: (ground-truth key, gold, samples). Hand-computed Maj@N under SPEC §7.7 in the comment.
+# Each problem: (ground-truth key, gold, samples). Hand-computed Maj@N under the clustered rule in the comment.
 PROBLEMS = [
-    ("ground_truth", "5", [_sample("5", True)] + [_sample(None, False)] * 11),  # INVALID 11 > 1: wrong (upstream: right)
+    # INVALID 11 > 1: wrong (upstream: right)
+    ("ground_truth", "5", [_sample("5", True)] + [_sample(None, False)] * 11),
     ("ground_truth", "\\frac12", [_sample("0.5", True), _sample("2", True), _sample("1/2", True)]),  # {0.5, 1/2}: right
     ("answer", "3", [_sample("4", True), _sample("3", True)]),  # tie: earliest (4): wrong; gt from `answer`
     # no flags: "" and the marker are INVALID; 7 x2 vs INVALID x2 -> tie -> {7} was created first: right
@@ -39,7 +43,9 @@ def _naive_pct(problems) -> float:
     right = 0
     for _, gold, samples in problems:
         formatted = [
-            s["formatted"] if "formatted" in s else bool(s["predicted_answer"]) and s["predicted_answer"] != NO_BOXED_ANSWER
+            s["formatted"]
+            if "formatted" in s
+            else bool(s["predicted_answer"]) and s["predicted_answer"] != NO_BOXED_ANSWER
             for s in samples
         ]
         right += naive_majority([s["predicted_answer"] for s in samples], formatted, gold, naive_grade)

@@ -1,10 +1,10 @@
-"""Evaluation metrics (SPEC §7.8) as small pure functions.
+"""Evaluation metrics as small pure functions (docs/evaluation.md#metrics).
 
 P problems, N samples each, c_i correct samples of problem i:
 
 * Pass@N   = 100 · #{i : c_i ≥ 1} / P
 * Avg@N    = 100 · Σ c_i / (P · N)
-* Maj@N    = 100 · #{i : the clustered majority of problem i is correct} / P   (math_grader.majority_vote)
+* Maj@N    = 100 · #{i : the clustered majority of problem i is correct} / P   (vote.majority_vote)
 * format_rate = 100 · #formatted samples / (P · N)
 * pass@k   = 100 · mean_i [1 − C(N − c_i, k) / C(N, k)]  (unbiased estimator, Chen et al. 2021); equals Pass@N at k = N
   and Avg@N at k = 1.
@@ -50,7 +50,8 @@ def pass_at_k_table(correct_counts: Sequence[int], n: int) -> dict[str, float]:
     if not correct_counts:
         return {str(k): 0.0 for k in pass_at_k_values(n)}
     return {
-        str(k): 100.0 * sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts) for k in pass_at_k_values(n)
+        str(k): 100.0 * sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
+        for k in pass_at_k_values(n)
     }
 
 
@@ -62,7 +63,7 @@ def pct(count: int, total: int) -> float:
 def aggregate_metrics(
     correct_counts: Sequence[int], majority_correct: Sequence[bool], formatted_counts: Sequence[int], n: int
 ) -> dict[str, float | int]:
-    """The SPEC §7.9 top-level metric keys from per-problem counts (N = `n` samples per problem)."""
+    """The result JSON's top-level metric keys (docs/evaluation.md#output-json) from per-problem counts, N = `n`."""
     if not len(correct_counts) == len(majority_correct) == len(formatted_counts):
         raise ValueError("per-problem lists differ in length")
     problems = len(correct_counts)

@@ -1,14 +1,15 @@
-"""Recompute Maj@N of saved evaluation files with the clustered rule (SPEC §8).
+"""Recompute Maj@N of saved evaluation files with the clustered rule (docs/evaluation.md#recomputing-majn).
 
     python eval/recompute_majn.py [PATTERN] [--apply] [--grader {reference,strict}]
 
 PATTERN (default `eval_results/qwen3_4b_base_*.json`; a relative pattern is taken from the repository root) selects
-result files. For each, Maj@N is recomputed from `results[*].generations[*]` with `math_grader.majority_vote` (SPEC §7.7:
-math-equivalence clusters plus an INVALID cluster) and the old and new percentages are printed. Nothing changes without
-`--apply`. With it, each file gets the new `majority_vote_at_n` / `majority_vote_at_n_pct`, the previous values under
-`*_old_buggy` (kept from the first --apply, so re-running is safe), and `majority_vote_at_n_method`; the list of
-{file, old_pct, new_pct} goes to `eval_results_summary/majn_recomputed_summary.json`. A file that cannot be read gets a
-one-line error, the others are still processed, and the exit status is 1.
+result files. For each, Maj@N is recomputed from `results[*].generations[*]` with `vote.majority_vote`
+(math-equivalence clusters plus an INVALID cluster, docs/evaluation.md#majn-clustering) and the old and new
+percentages are printed. Nothing changes without `--apply`. With it, each file gets the new `majority_vote_at_n` /
+`majority_vote_at_n_pct`, the previous values under `*_old_buggy` (kept from the first --apply, so re-running is
+safe), and `majority_vote_at_n_method`; the list of {file, old_pct, new_pct} goes to
+`eval_results_summary/majn_recomputed_summary.json`. A file that cannot be read gets a one-line error, the others are
+still processed, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pwopsd.evaluation.grader import DEFAULT_TIMEOUT_S, GRADERS, NO_BOXED_ANSWER, MathGrader
+from pwopsd.evaluation.extract import NO_BOXED_ANSWER
+from pwopsd.evaluation.grade import GRADERS
 from pwopsd.evaluation.metrics import pct
+from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MathGrader
 from pwopsd.io import REPO_ROOT, atomic_write_json
 
 DEFAULT_PATTERN = "eval_results/qwen3_4b_base_*.json"
@@ -46,7 +49,7 @@ class Saved:
 
 
 def is_formatted(sample: dict[str, Any]) -> bool:
-    """The saved `formatted` flag; without it, a non-empty prediction other than the no-box marker (SPEC §8)."""
+    """The saved `formatted` flag; without it, a non-empty prediction other than the no-box marker."""
     if "formatted" in sample:
         return bool(sample["formatted"])
     prediction = sample.get("predicted_answer")
@@ -77,7 +80,7 @@ def read_result_file(path: Path) -> Saved:
 
 
 def resolve_pattern(pattern: str) -> list[Path]:
-    """Files matching `pattern`, relative patterns taken from the repository root (SPEC §8)."""
+    """Files matching `pattern`, relative patterns taken from the repository root."""
     if not Path(pattern).is_absolute():
         pattern = str(REPO_ROOT / pattern)
     return [Path(p) for p in sorted(glob.glob(pattern))]
@@ -103,10 +106,14 @@ def apply(saved: Saved, new_count: int, new_pct: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("pattern", nargs="?", default=DEFAULT_PATTERN, help=f"glob of result files (default {DEFAULT_PATTERN})")
+    parser.add_argument(
+        "pattern", nargs="?", default=DEFAULT_PATTERN, help=f"glob of result files (default {DEFAULT_PATTERN})"
+    )
     parser.add_argument("--apply", action="store_true", help="write the new values back (default: only print)")
     parser.add_argument("--grader", choices=GRADERS, default="reference", help="grading rule (default reference)")
-    parser.add_argument("--grading_timeout", type=float, default=DEFAULT_TIMEOUT_S, help="hard limit per comparison (s)")
+    parser.add_argument(
+        "--grading_timeout", type=float, default=DEFAULT_TIMEOUT_S, help="hard limit per comparison (s)"
+    )
     parser.add_argument("--grading_workers", type=int, default=None, help="grading processes (default: cores, max 8)")
     parser.add_argument("--summary_file", type=Path, default=SUMMARY_FILE, help=f"default {display(SUMMARY_FILE)}")
     args = parser.parse_args(argv)
