@@ -1,5 +1,5 @@
-"""evaluate_math.py (SPEC §7): datasets, CLI, the transformers backend end to end on a tiny model, the exact vLLM
-arguments (recording stand-in: vLLM cannot run here), every JSON key, resume after a kill, atomic writes."""
+"""evaluate_math.py (docs/evaluation.md): datasets, CLI, the transformers backend end to end on a tiny model, the
+exact vLLM arguments (recording stand-in: vLLM cannot run here), every JSON key, resume after a kill, atomic writes."""
 
 from __future__ import annotations
 
@@ -16,20 +16,15 @@ import pytest
 import torch
 from conftest import DATA_DIR, REPO_ROOT, read_data
 
-from pwopsd.evaluation import evaluate
-from pwopsd.evaluation.evaluate import (
-    PROMPT_SUFFIX,
-    EvalArguments,
-    PresencePenaltyLogitsProcessor,
-    UserError,
-    atomic_write_json,
-    load_benchmark,
-    main,
-    sampling_processors,
-)
-from pwopsd.evaluation.grader import NO_BOXED_ANSWER, extract_boxed_answer
+from pwopsd.evaluation import benchmarks, evaluate, generate
+from pwopsd.evaluation.benchmarks import load_benchmark
+from pwopsd.evaluation.evaluate import EvalArguments, main
+from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_boxed_answer
+from pwopsd.evaluation.generate import PresencePenaltyLogitsProcessor, sampling_processors
+from pwopsd.io import UserError, atomic_write_json
+from pwopsd.prompts import EVAL_PROMPT_SUFFIX
 
-TOP_KEYS = [  # SPEC §7.9, in order
+TOP_KEYS = [  # docs/evaluation.md#output-json, in order
     "base_model", "dataset", "enable_thinking", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
     "max_new_tokens", "val_n", "seed", "num_problems", "total_solutions", "pass_at_n", "pass_at_n_pct", "average_at_n",
     "average_at_n_pct", "majority_vote_at_n", "majority_vote_at_n_pct", "formatted_count", "format_rate",
@@ -40,7 +35,6 @@ RESULT_KEYS = [
     "majority_vote_correct", "predicted_answer", "full_generation", "correct", "formatted",
 ]  # fmt: skip
 SAMPLE_KEYS = ["predicted_answer", "full_generation", "correct", "formatted"]
-
 
 
 @pytest.fixture
@@ -69,7 +63,7 @@ def _check_schema(result: dict, n: int, problems: int) -> None:
         assert {k: entry[k] for k in SAMPLE_KEYS} == entry["generations"][0]
         assert entry["num_correct"] == sum(s["correct"] for s in entry["generations"])
         assert entry["pass_at_n"] == (entry["num_correct"] > 0)
-    # metrics recomputed from the entries (SPEC §7.8)
+    # metrics recomputed from the entries (docs/evaluation.md#metrics)
     entries = result["results"]
     assert result["pass_at_n"] == sum(e["pass_at_n"] for e in entries)
     assert result["average_at_n"] == sum(e["num_correct"] for e in entries)
@@ -84,7 +78,7 @@ def _check_schema(result: dict, n: int, problems: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Datasets (SPEC §7.3)
+# Datasets (docs/evaluation.md#benchmarks)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +88,7 @@ def _check_schema(result: dict, n: int, problems: int) -> None:
 )  # fmt: skip
 def test_bundled_benchmarks_offline(name: str, count: int, ids: list[int], monkeypatch, caplog, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # hmmt25's default ./data/hmmt25_clean/train.parquet is relative: not found here
-    with caplog.at_level("WARNING", logger="evaluate_math"):
+    with caplog.at_level("WARNING", logger="pwopsd.evaluation.benchmarks"):
         problems, source = load_benchmark(name)
     assert source == f"data/{name}.jsonl"
     assert "notice:" in caplog.text and f"data/{name}.jsonl" in caplog.text
@@ -118,7 +112,7 @@ def test_hmmt25_reads_the_parquet_path(monkeypatch, tmp_path) -> None:
 def test_hub_rows_are_mapped_like_the_reference(monkeypatch) -> None:
     import datasets
 
-    monkeypatch.setattr(evaluate, "_hub_unavailable", lambda: None)
+    monkeypatch.setattr(benchmarks, "_hub_unavailable", lambda: None)
     real_load_dataset = datasets.load_dataset
     calls = []
 
@@ -253,7 +247,7 @@ def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
     for penalty in (0.0, 1.5):
         args = EvalArguments(base_model=str(model_dir), dataset="d", output_file="o", temperature=0.0,
                              presence_penalty=penalty, max_new_tokens=24, val_n=2)  # fmt: skip
-        backend = evaluate.HFBackend(args, tokenizer)
+        backend = generate.HFBackend(args, tokenizer)
         [(index, texts[penalty])] = list(backend.generate([prompt], [0]))
         assert index == 0 and texts[penalty][0] == texts[penalty][1]  # val_n copies of the one greedy answer
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -272,7 +266,7 @@ def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
 
 
 def test_problem_seeds_differ_across_seeds_and_problems() -> None:
-    seeds = {evaluate.problem_seed(s, i) for s in range(3) for i in range(500)}
+    seeds = {generate.problem_seed(s, i) for s in range(3) for i in range(500)}
     assert len(seeds) == 1500
 
 
@@ -472,7 +466,7 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
         "<|im_start|>assistant\n"
         for p in problems
     ]
-    assert PROMPT_SUFFIX in prompts[0] and lora_request is None
+    assert EVAL_PROMPT_SUFFIX in prompts[0] and lora_request is None
 
     result = json.loads(out.read_text())
     _check_schema(result, n=4, problems=3)
@@ -495,9 +489,9 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
 
 
 def test_backend_auto_without_vllm_is_hf(monkeypatch) -> None:
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
-    assert evaluate.resolve_backend("auto") == "hf"
-    assert evaluate.resolve_backend("vllm") == "vllm"
+    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda name: None)
+    assert generate.resolve_backend("auto") == "hf"
+    assert generate.resolve_backend("vllm") == "vllm"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -517,7 +511,7 @@ def test_row_sampler_draws_from_the_processed_distribution() -> None:
     """RowSampler picks token i with probability softmax(scores)_i (masked tokens never), one generator per row."""
     import torch
 
-    from pwopsd.evaluation.evaluate import RowSampler
+    from pwopsd.evaluation.generate import RowSampler
 
     torch.manual_seed(0)
     logits = torch.randn(1, 7)

@@ -16,7 +16,7 @@ DATASETS = ("math500", "aime24", "aime25", "hmmt25")
 
 
 def _file_name(name: str, dataset: str, seed: int | None) -> str:
-    """SPEC §9.2 output names."""
+    """The output names `run_eval.sh` writes: `{NAME}[_{DATASET}]_38k[_seed{S}].json`."""
     middle = "" if dataset == "math500" else f"_{dataset}"
     return f"{name}{middle}_38k" + ("" if seed is None else f"_seed{seed}") + ".json"
 

@@ -2,11 +2,12 @@
 
     python eval/summarize.py [--results_dir eval_results] [--out_dir eval_results_summary]
 
-Reads every `*.json` result in `--results_dir` (the names of SPEC §9.2: `{NAME}[_{DATASET}]_38k[_seed{S}].json`, or any
-`{RUN}[_{DATASET}][_{B}k][_seed{S}].json`). The benchmark and seed come from the file's `dataset` and `seed` keys; the
-run name is the file name without those suffixes, split into model and method when it ends in a known method
-(`opsd`, `eopd`, `pwopsd`, `reopold`, `base`), e.g. `qwen3_4b_base_pwopsd` -> (`qwen3_4b_base`, `pwopsd`) and
-`smollm2_base` -> (`smollm2`, `base`).
+Reads every `*.json` result in `--results_dir` (the names `run_eval.sh` writes:
+`{NAME}[_{DATASET}]_38k[_seed{S}].json`, or any `{RUN}[_{DATASET}][_{B}k][_seed{S}].json`). The benchmark and seed
+come from the file's `dataset` and `seed` keys; the run name is the file name without those suffixes, split into model
+and method when it ends in a known method (`METHODS`: the methods of `pwopsd.losses.METHODS`, then `base`), e.g.
+`qwen3_4b_base_pwopsd` -> (`qwen3_4b_base`, `pwopsd`) and `smollm2_base` -> (`smollm2`, `base`). Benchmarks come in
+the order of `pwopsd.evaluation.benchmarks.BENCHMARKS`, unknown ones after them.
 
 For each run × benchmark: mean ± sample standard deviation (n−1) over seeds of Avg@N, Pass@N and Maj@N; per run the
 equal-weight cross-benchmark Avg@N (mean over benchmarks of the per-benchmark means; its std is over the seeds that
@@ -25,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("summarize")
+from pwopsd.evaluation.benchmarks import BENCHMARKS
+from pwopsd.losses import METHODS as LOSS_METHODS
 
-METHODS = ("opsd", "eopd", "pwopsd", "reopold", "base")
-BENCHMARK_ORDER = ("math500", "aime24", "aime25", "hmmt25")
+logger = logging.getLogger(__name__)
+
+METHODS = (*LOSS_METHODS, "base")  # the row order of the tables: the distillation methods, then the base model
+BENCHMARK_ORDER = tuple(BENCHMARKS)
 METRICS = {"avg": "average_at_n_pct", "pass": "pass_at_n_pct", "maj": "majority_vote_at_n_pct"}
 METRIC_TITLES = {"avg": "Avg", "pass": "Pass", "maj": "Maj"}
 CROSS = "avg"  # the dataset label of the cross-benchmark average in the CSV
@@ -185,7 +189,9 @@ def markdown(rows: list[dict[str, Any]], benchmarks: list[str]) -> str:
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=["model", "method", "run", "dataset", "metric", "val_n", "n_seeds", "seeds", "mean", "std"])
+    frame = pd.DataFrame(
+        rows, columns=["model", "method", "run", "dataset", "metric", "val_n", "n_seeds", "seeds", "mean", "std"]
+    )
     frame["seeds"] = frame["seeds"].map(lambda seeds: " ".join("none" if s is None else str(s) for s in seeds))
     frame.to_csv(path, index=False, float_format="%.4f")
 

@@ -1,14 +1,16 @@
-"""Check that an evaluator result file holds the run that `launchers/run_eval.sh` asked for (SPEC §9.2).
+"""Check that an evaluator result file holds the run that `launchers/run_eval.sh` asked for.
 
     python eval/validate_eval_result.py FILE --dataset D --base_model PATH [--seed S]
 
 Exit 0 when the file is valid; otherwise exit 1 and print one line per problem found. A result is valid when it is
-a JSON object (keys of SPEC §7.9) with:
+a JSON object (the result keys of docs/evaluation.md#output-json) with:
   dataset == D; val_n 12; max_new_tokens 38912; temperature 1.0; top_p 0.95; top_k -1; min_p 0; presence_penalty 0;
-  enable_thinking true; the three *_pct keys present; num_problems 500 for math500 and 30 otherwise;
-  base_model == PATH; seed == S when S is given.
-Two checks go beyond SPEC and catch truncated or corrupt files: `results` holds exactly `num_problems` entries and
-every *_pct value is a number in [0, 100].
+  enable_thinking true; the three *_pct keys present; num_problems the benchmark's count in
+  `pwopsd.evaluation.benchmarks.BENCHMARKS` (500 for math500, 30 otherwise); base_model == PATH; seed == S when S is
+  given. `run_eval.sh` evaluates with 12 samples, thinking on, 38,912 new tokens, temperature 1.0 and top-p 0.95
+  (docs/architecture.md#evaluation-launcher).
+Two checks go beyond the reference's validation and catch truncated or corrupt files: `results` holds exactly
+`num_problems` entries and every *_pct value is a number in [0, 100].
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pwopsd.evaluation.benchmarks import BENCHMARKS
+
 EXPECTED_SETTINGS: dict[str, Any] = {
     "val_n": 12,
     "max_new_tokens": 38912,
@@ -30,7 +34,7 @@ EXPECTED_SETTINGS: dict[str, Any] = {
     "min_p": 0.0,
     "presence_penalty": 0.0,
 }
-NUM_PROBLEMS = {"math500": 500, "aime24": 30, "aime25": 30, "hmmt25": 30}
+NUM_PROBLEMS = {name: benchmark.num_problems for name, benchmark in BENCHMARKS.items()}
 PCT_KEYS = ("pass_at_n_pct", "average_at_n_pct", "majority_vote_at_n_pct")
 
 

@@ -1,0 +1,278 @@
+"""Generation backends of the evaluator: the prompt, vLLM, and transformers with vLLM's sampling chain.
+
+The prompt is `{problem}` + `pwopsd.prompts.EVAL_PROMPT_SUFFIX` as one user message (no `Problem:` prefix, no think
+patch), rendered with the chat template (docs/evaluation.md#prompt). vLLM takes every prompt at once with
+`SamplingParams(n=val_n, seed=S)`; the transformers backend (`--backend hf`) runs the same sampling chain, seeded per
+(problem, sample), so its samples do not depend on batching and a resumed run continues exactly
+(docs/evaluation.md#sampling-and-backends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pwopsd.io import UserError, first_line
+from pwopsd.prompts import EVAL_PROMPT_SUFFIX, render_user_prompt
+
+if TYPE_CHECKING:
+    from pwopsd.evaluation.evaluate import EvalArguments
+
+
+def build_prompt(tokenizer: Any, problem: str, enable_thinking: bool) -> str:
+    """`{problem}` + EVAL_PROMPT_SUFFIX as one user message, through the chat template, generation prompt added."""
+    return render_user_prompt(tokenizer, problem + EVAL_PROMPT_SUFFIX, enable_thinking=enable_thinking)
+
+
+def vllm_installed() -> bool:
+    return "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(name: str) -> str:
+    """auto: vLLM when it is installed and CUDA is available, else transformers."""
+    if name != "auto":
+        return name
+    if not vllm_installed():
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def problem_seed(seed: int, index: int) -> int:
+    """A per-problem seed for the transformers backend: independent of batch composition, so runs resume exactly."""
+    digest = hashlib.blake2b(f"pwopsd-eval:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class VLLMBackend:
+    """One vLLM engine; every prompt is submitted at once and problems are yielded as they finish.
+
+    The engine is built with `distributed_executor_backend="mp"`, `enforce_eager=True`, `dtype="auto"`, the given
+    tensor-parallel size, memory fraction and `max_model_len` (docs/evaluation.md#sampling-and-backends)."""
+
+    def __init__(self, args: EvalArguments) -> None:
+        from vllm import LLM, SamplingParams
+
+        engine_kwargs: dict[str, Any] = dict(
+            model=args.base_model,
+            trust_remote_code=args.trust_remote_code,
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            distributed_executor_backend="mp",
+            enforce_eager=True,
+            dtype="auto",
+        )
+        if args.checkpoint_dir:
+            engine_kwargs.update(enable_lora=True, max_lora_rank=64)
+        self.llm = LLM(**engine_kwargs)
+        sampling: dict[str, Any] = dict(
+            n=args.val_n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            presence_penalty=args.presence_penalty,
+            max_tokens=args.max_new_tokens,
+        )
+        if args.seed is not None:
+            sampling["seed"] = args.seed
+        self.sampling_params = SamplingParams(**sampling)
+        self.lora_request = None
+        if args.checkpoint_dir:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("adapter", 1, args.checkpoint_dir)
+
+    def generate(self, prompts: Sequence[str], indices: Sequence[int]) -> Iterator[tuple[int, list[str]]]:
+        """Yield (problem index, N texts in generation order) as requests finish."""
+        from tqdm.auto import tqdm
+
+        # Same requests as LLM.generate (which is enqueue + this loop), but finished problems come out one by one.
+        request_ids = self.llm.enqueue(
+            list(prompts), self.sampling_params, lora_request=self.lora_request, use_tqdm=False
+        )
+        # enqueue returns vLLM's internal ids, "{id}-{8 random chars}"; finished outputs carry the plain {id}
+        index_of = {request_id.split("-", 1)[0]: index for request_id, index in zip(request_ids, indices)}
+        engine = self.llm.llm_engine
+        with tqdm(total=len(request_ids), desc="generating (vLLM)") as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        samples = sorted(output.outputs, key=lambda c: c.index)  # generation order
+                        bar.update(1)
+                        yield index_of[output.request_id], [c.text for c in samples]
+
+
+class PresencePenaltyLogitsProcessor:
+    """vLLM's presence penalty: subtract `penalty` from the logits of every token already generated (not the prompt)."""
+
+    def __init__(self, penalty: float, prompt_length: int) -> None:
+        self.penalty = penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
+def sampling_processors(args: EvalArguments, prompt_length: int) -> list[Any]:
+    """vLLM's sampling chain as transformers logits processors: presence penalty, temperature, min-p, top-k, top-p.
+
+    Temperature 0 (greedy): only the penalty; vLLM takes the argmax of the penalised logits, which the warpers would
+    not change."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors: list[Any] = []
+    if args.presence_penalty:
+        processors.append(PresencePenaltyLogitsProcessor(args.presence_penalty, prompt_length))
+    if args.temperature == 0:
+        return processors
+    if args.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(args.temperature))
+    if args.min_p > 0:
+        processors.append(MinPLogitsWarper(args.min_p))
+    if args.top_k > 0:
+        processors.append(TopKLogitsWarper(args.top_k))
+    assert args.top_p is not None
+    if args.top_p < 1.0:
+        processors.append(TopPLogitsWarper(args.top_p))
+    return processors
+
+
+class RowSampler:
+    """The last logits processor of the transformers backend: draws each row's next token from the row's own
+    `torch.Generator` and keeps only that token, so greedy decoding emits it. A row's samples therefore depend only on
+    its seed (problem, sample), never on which rows share its batch, and batched runs resume exactly."""
+
+    def __init__(self, generators: list[Any]) -> None:
+        self.generators = generators
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        # Inverse-CDF draw, batched over rows: token i is picked when cdf[i-1] <= u * total < cdf[i], i.e. with
+        # probability p_i; masked tokens (p = 0) can never be picked. One uniform per row from the row's generator.
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(dim=-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in self.generators])
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
+        keep = torch.full_like(scores, float("-inf"))
+        return keep.scatter_(1, picks, 0.0)
+
+
+def row_generators(seed: int | None, index: int, val_n: int) -> list[Any]:
+    """One generator per sample of problem `index`: seeded from (seed, index, sample), or from OS entropy if
+    unseeded."""
+    import torch
+
+    generators = []
+    for sample in range(val_n):
+        g = torch.Generator()
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed((problem_seed(seed, index) + sample) % 2**63)
+        generators.append(g)
+    return generators
+
+
+class HFBackend:
+    """transformers generation with the vLLM sampling chain; whole problems (N samples each) are batched together,
+    up to --hf_batch_size sequences per call, prompts left-padded."""
+
+    def __init__(self, args: EvalArguments, tokenizer: Any) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.args = args
+        self.tokenizer = tokenizer
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                args.base_model, dtype="auto", trust_remote_code=args.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load --base_model {args.base_model}: {first_line(e)}") from e
+        if args.checkpoint_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.checkpoint_dir)
+        self.model = model.to(self.device).eval()
+        from pwopsd.rollouts import eos_token_ids  # the trainer's stop ids: tokenizer EOS + generation-config EOS
+
+        self.eos_ids = sorted(set(eos_token_ids(model, tokenizer)))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        if tokenizer.pad_token_id is None:  # batched prompts are left-padded; the pad positions are masked out
+            tokenizer.pad_token_id = self.pad_id
+
+    def _decode(self, ids: list[int]) -> str:
+        for position, token in enumerate(ids):
+            if token in self.eos_ids:
+                ids = ids[:position]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts: Sequence[str], indices: Sequence[int]) -> Iterator[tuple[int, list[str]]]:
+        """Yield (problem index, N texts) group by group; greedy decoding runs once and repeats its text N times."""
+        from tqdm.auto import tqdm
+
+        args = self.args
+        greedy = args.temperature == 0
+        rows_per_problem = 1 if greedy else args.val_n
+        with tqdm(total=len(prompts), desc="generating (transformers)") as bar:
+            for group in self._groups(prompts, indices, rows_per_problem):
+                texts_in, group_indices = zip(*group)
+                texts = self._generate_group(list(texts_in), list(group_indices), rows_per_problem)
+                for k, index in enumerate(group_indices):
+                    mine = texts[k * rows_per_problem : (k + 1) * rows_per_problem]
+                    yield index, mine * args.val_n if greedy else mine
+                    bar.update(1)
+
+    def _groups(
+        self, prompts: Sequence[str], indices: Sequence[int], rows_per_problem: int
+    ) -> list[list[tuple[str, int]]]:
+        """Fixed groups of problem indices (at most --hf_batch_size rows each), so a resumed run batches the remaining
+        problems as the first run did."""
+        per_call = max(1, self.args.hf_batch_size // rows_per_problem)
+        groups: dict[int, list[tuple[str, int]]] = {}
+        for prompt, index in zip(prompts, indices):
+            groups.setdefault(index // per_call, []).append((prompt, index))
+        return list(groups.values())
+
+    def _generate_group(self, prompts: list[str], indices: list[int], rows_per_problem: int) -> list[str]:
+        """One `generate` call: the prompts left-padded, each repeated `rows_per_problem` times; the decoded texts."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        args = self.args
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        prompt_length = inputs["input_ids"].shape[1]
+        assert args.max_model_len is not None
+        budget = min(args.max_new_tokens, args.max_model_len - prompt_length)
+        if budget < 1:
+            raise UserError(f"problems {indices}: the prompt ({prompt_length} tokens) does not fit --max_model_len")
+        inputs = {k: v.repeat_interleave(rows_per_problem, dim=0).to(self.device) for k, v in inputs.items()}
+        config = GenerationConfig(  # greedy over processed scores: sampling happens in RowSampler
+            do_sample=False,
+            max_new_tokens=budget,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+        processors = sampling_processors(args, prompt_length)
+        if args.temperature != 0:
+            generators = [g for i in indices for g in row_generators(args.seed, i, args.val_n)]
+            processors.append(RowSampler(generators))
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, generation_config=config, logits_processor=LogitsProcessorList(processors)
+            )
+        return [self._decode(row[prompt_length:].tolist()) for row in output]
