@@ -8,7 +8,10 @@ The reference's entry point, kept under its name and command line. The code live
 
 import sys
 
-from pwopsd.merge import main
+try:
+    from pwopsd.merge import main
+except ModuleNotFoundError as err:  # the package (or a dependency) is not installed in this Python
+    sys.exit(f"{err}: run `pip install -e .` in the repository root (or `bash launchers/setup_venv.sh`)")
 
 if __name__ == "__main__":
     sys.exit(main())

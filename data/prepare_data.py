@@ -1,7 +1,7 @@
 """Rebuild the bundled data files from the raw copies in ../shared/data (see data/SOURCES.md).
 
 `python data/prepare_data.py [--src ../shared/data]`. Each benchmark becomes one JSONL with the original keys and
-content unchanged, plus the id field the evaluator reads (SPEC §7.3): `id` (math500: the row index; aime24: the
+content unchanged, plus the id field the evaluator reads (docs/evaluation.md#benchmarks): `id` (math500: the row index; aime24: the
 original `id`) or `problem_idx` (aime25, hmmt25: 1..30 in file order). GSM8K train becomes `problem`/`solution`.
 """
 

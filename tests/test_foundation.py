@@ -99,7 +99,7 @@ def test_template_renders_like_the_real_model(arch: str, enable_thinking: bool, 
 
 
 def test_llama_tokenizer_adds_bos_like_the_real_one(tiny_model_dir) -> None:
-    """The DSR1 tokenizer prepends BOS, so a template that already holds BOS gets two (SPEC §3)."""
+    """The DSR1 tokenizer prepends BOS, so a template that already holds BOS gets two, as the real tokenizer does."""
     tok = AutoTokenizer.from_pretrained(tiny_model_dir("dsr1_llama"))
     ids = tok(EXPECTED[("dsr1_llama", True)]).input_ids
     assert ids[:2] == [tok.bos_token_id, tok.bos_token_id]

@@ -1,4 +1,4 @@
-"""merge_lora.py (SPEC §6): the merged model reproduces the PEFT model's logits; files, dtype and user errors."""
+"""merge_lora.py (pwopsd.merge): the merged model reproduces the PEFT model's logits; files, dtype and user errors."""
 
 from __future__ import annotations
 

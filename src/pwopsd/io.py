@@ -21,6 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "data"
 TEMPLATES_DIR = DATA_DIR / "templates"
 
+DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+"""Local data files by suffix -> the `datasets` builder that reads them (training data and benchmark files alike)."""
+
 
 class UserError(Exception):
     """Bad input: reported as one line, no traceback, exit status 2."""

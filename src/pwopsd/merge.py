@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model (SPEC §6).
+"""Merge a LoRA adapter into its base model, as the reference release does.
 
     python code/merge_lora.py BASE ADAPTER OUT [--dtype bfloat16]
 
@@ -57,7 +57,7 @@ def merge_lora(base: str, adapter: str, out: str | Path, dtype: str = "bfloat16"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (SPEC §6).")
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model.")
     parser.add_argument("base", help="base model folder or Hub id")
     parser.add_argument("adapter", help="adapter folder (e.g. outputs/NAME/checkpoint-100)")
     parser.add_argument("out", help="output folder for the merged model")

