@@ -1,7 +1,7 @@
 """Peak memory and time of the distillation loss, forward + backward: dense (logits materialised) vs chunked.
 
 Dense is the reference's way: ``student_hidden @ W.T`` and (no-grad) ``teacher_hidden @ W.T`` as [B, T, V] logits,
-then :func:`distill_losses.compute_distillation_loss`. Chunked is :func:`distill_losses.chunked_distillation_loss`
+then :func:`pwopsd.losses.compute_distillation_loss`. Chunked is :func:`pwopsd.chunked_loss.chunked_distillation_loss`
 on the same hidden states. Each (method, variant, head) runs in its own subprocess on identical seeded inputs.
 
 Memory is the loss's own working memory: the peak above the process's level once the model-free inputs (hidden
@@ -9,9 +9,10 @@ states, LM head, ids, mask) exist and one warm-up pass has initialised the libra
 resetting it through /proc/self/clear_refs), ``torch.cuda.max_memory_allocated`` on a GPU. On CPU the workers run with
 ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc's allocator would otherwise keep some freed buffers, making the peak vary
 by tens of MB between identical runs). Time is the best of ``--repeats`` forward + backward passes, best again over
-``--rounds`` alternating dense/chunked subprocess rounds (the machine is shared); the process CPU time (user + sys, all threads) is printed beside it. All tokens are valid (the
-chunked path skips padding, so this is its worst case) and REOPOLD runs its phase II (entropy quantile). The LM head
-is frozen (LoRA training); ``--trainable-methods`` adds rows with a trainable head (default: opsd).
+``--rounds`` alternating dense/chunked subprocess rounds (the machine is shared); the process CPU time (user + sys,
+all threads) is printed beside it. All tokens are valid (the chunked path skips padding, so this is its worst case)
+and REOPOLD runs its phase II (entropy quantile). The LM head is frozen (LoRA training); ``--trainable-methods`` adds
+rows with a trainable head (default: opsd).
 
     python bench/loss_memory.py --quick          # B x T = 2 x 512, V = 151,936, hidden 512 (CPU)
     python bench/loss_memory.py                  # B x T = 4 x 1024 (hidden 2560 on a GPU)
@@ -34,7 +35,7 @@ from _measure import PeakMemory, run_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_VOCAB = 151_936
-METHOD_NAMES = ("opsd", "pwopsd", "eopd", "reopold")
+METHOD_NAMES = ("opsd", "eopd", "pwopsd", "reopold")
 REOPOLD_STEP = 60  # phase II: the entropy-quantile mask, the costlier REOPOLD phase
 
 
@@ -42,7 +43,8 @@ def run_worker(cfg: dict) -> dict:
     """One variant in this process: build inputs, measure forward + backward, return the figures."""
     import torch
 
-    from pwopsd.losses import chunked_distillation_loss, compute_distillation_loss
+    from pwopsd.chunked_loss import chunked_distillation_loss
+    from pwopsd.losses import compute_distillation_loss
 
     device = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
@@ -195,7 +197,8 @@ def main() -> None:
         r = rows[-1]
         print(
             f"| {method:8s} | {r['head']:9s} | {r['dense_peak_mb']:9.1f} | {r['chunked_peak_mb']:8.1f} | "
-            f"{r['memory_ratio']:6.1f}x | {r['dense_s']:7.3f} | {r['chunked_s']:7.3f} | {r['time_ratio']:5.2f} | {r['cpu_time_ratio']:5.2f} | "
+            f"{r['memory_ratio']:6.1f}x | {r['dense_s']:7.3f} | {r['chunked_s']:7.3f} | {r['time_ratio']:5.2f} | "
+            f"{r['cpu_time_ratio']:5.2f} | "
             f"{r['abs_diff']:.2e} | {r['loss']:.6f} |",
             flush=True,
         )

@@ -1,7 +1,8 @@
-"""The four distillation losses against naive float64 references written here from SPEC §5, and the SPEC §5.7 vectors.
+"""The four distillation losses against naive float64 references and the documented test vectors.
 
-The references loop over tokens and use plain formulas (probabilities, not log-space mixtures; sorting for top-k;
-a hand-written linear quantile), sharing no code with ``distill_losses``. Values and gradients are compared on random
+The references are written here from docs/methods.md and the vectors come from docs/methods.md#test-vectors. They
+loop over tokens and use plain formulas (probabilities, not log-space mixtures; sorting for top-k; a hand-written
+linear quantile), sharing no code with ``pwopsd.losses``. Values and gradients are compared on random
 logits with ragged masks, an empty row, a row with holes and ``-100`` ids.
 """
 
@@ -14,15 +15,18 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from pwopsd.chunked_loss import chunked_distillation_loss
 from pwopsd.losses import (
+    HPARAM_NAMES,
     METHODS,
     LossHParams,
     check_hparams,
-    chunked_distillation_loss,
     compute_distillation_loss,
     eopd_gate,
     gkd_element_terms,
     gkd_token_loss,
+    loss_hparam_field,
+    loss_hparam_fields,
     loss_hparams_from_args,
     position_weights,
     reopold_floor,
@@ -32,7 +36,7 @@ from pwopsd.losses import (
 F64 = torch.float64
 
 # --------------------------------------------------------------------------------------------------------------------
-# Naive references (SPEC §5), one token at a time
+# Naive references (docs/methods.md), one token at a time
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -252,7 +256,7 @@ def test_matches_naive_reference(method, step, hp, seed):
     batch = make_batch(seed)
     loss, grad, _ = module_loss_and_grad(method, batch, step, **hp)
     ref_loss, ref_grad = reference_loss_and_grad(method, batch, step, **hp)
-    # position weights are computed in float32 (SPEC §5.2), everything else in the input's float64
+    # position weights are computed in float32 (docs/methods.md#pwopsd), everything else in the input's float64
     tol = 1e-6 if method == "pwopsd" else 1e-10
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol)
@@ -277,7 +281,7 @@ def test_reference_cases_exercise_every_branch():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# SPEC §5.7 unit-test vectors
+# Unit-test vectors (docs/methods.md#test-vectors)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -302,7 +306,7 @@ def test_schedule_weight_vector():
     u = torch.tensor([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0])
     expected = torch.tensor([0.2856, 0.3394, 0.4517, 0.6250, 0.7983, 0.9106, 0.9865, 0.9993])
     torch.testing.assert_close(schedule_weight(u, 0.25, 0.30, 0.10), expected, atol=1e-4, rtol=0)
-    # mean over uniform u: 0.25 + 0.075 [ln(1 + e^7) - ln(1 + e^-3)] = 0.7714 (SPEC: ≈ 0.771)
+    # mean over uniform u: 0.25 + 0.075 [ln(1 + e^7) - ln(1 + e^-3)] = 0.7714 (documented: ≈ 0.771)
     mean = schedule_weight(torch.linspace(0, 1, 100_001, dtype=F64), 0.25, 0.30, 0.10).mean().item()
     assert mean == pytest.approx(0.25 + 0.075 * (math.log1p(math.exp(7)) - math.log1p(math.exp(-3))), abs=1e-5)
     assert mean == pytest.approx(0.771, abs=5e-4)
@@ -438,7 +442,7 @@ def test_reopold_phase_one_drops_floored_tokens():
 
 
 def test_reopold_cleans_infinite_rewards():
-    """A teacher log-prob of -inf (reward -inf) is floored, not NaN; +inf/NaN rewards become 0 (SPEC §5.4 #6)."""
+    """A teacher log-prob of -inf (reward -inf) is floored, not NaN; +inf/NaN rewards become 0 (docs/methods.md#reopold)."""
     student = torch.zeros(1, 2, 3, dtype=F64)
     teacher = torch.tensor([[[-math.inf, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=F64)
     ids, mask = torch.tensor([[0, 0]]), torch.ones(1, 2, dtype=torch.bool)
@@ -588,7 +592,7 @@ def test_unused_hyper_parameters_are_ignored_and_unknown_names_rejected():
     assert base.item() == ignored.item()
     with pytest.raises(TypeError, match="temprature"):
         compute_distillation_loss("opsd", *args, temprature=1.0)
-    with pytest.raises(ValueError, match=r"unknown --method 'kl'.*opsd, pwopsd, eopd, reopold"):
+    with pytest.raises(ValueError, match=r"unknown --method 'kl'.*opsd, eopd, pwopsd, reopold"):
         compute_distillation_loss("kl", *args)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_distillation_loss("opsd", batch.student, batch.teacher, torch.eye(19), batch.ids, batch.mask,
@@ -611,4 +615,33 @@ def test_reference_defaults():
     assert (hp.temperature, hp.beta, hp.jsd_token_clip, hp.top_k_loss) == (1.1, 0.0, 0.05, 0)
     assert (hp.position_w_min, hp.position_tau, hp.position_s, hp.position_global_reduction) == (0.25, 0.3, 0.1, False)
     assert (hp.reopold_lambda, hp.reopold_beta, hp.reopold_t_switch) == (0.1, 0.2, 50)
-    assert list(METHODS) == ["opsd", "pwopsd", "eopd", "reopold"]
+    assert list(METHODS) == ["opsd", "eopd", "pwopsd", "reopold"]  # the launchers', tables' and README's order
+
+
+def test_launcher_args():
+    """The extra flags the paper's launchers pass per method, as the strings they print."""
+    assert {name: m.launcher_args for name, m in METHODS.items()} == {
+        "opsd": (),
+        "eopd": (),
+        "pwopsd": ("--position_w_min", "0.25", "--position_tau", "0.30", "--position_s", "0.10"),
+        "reopold": ("--reopold_lambda", "0.1", "--reopold_beta", "0.2", "--reopold_t_switch", "50"),
+    }
+    for m in METHODS.values():  # every launcher flag is one the method reads, at its default value
+        flags = dict(zip(m.launcher_args[::2], m.launcher_args[1::2], strict=True))
+        assert all(f.removeprefix("--") in m.hparams for f in flags)
+        assert check_hparams(m.name, **{f[2:]: type(getattr(LossHParams(), f[2:]))(v) for f, v in flags.items()}) == (
+            LossHParams()
+        )
+
+
+def test_hparam_fields_declare_every_flag():
+    """Each field carries its help text and its check; the config helper keeps only argparse-safe metadata."""
+    fields = loss_hparam_fields()
+    assert tuple(f.name for f in fields) == HPARAM_NAMES
+    for f in fields:
+        assert f.metadata["help"] and f.metadata["valid"] and f.metadata["check"](f.default), f.name
+    cli_beta, loss_beta = loss_hparam_field("beta"), loss_hparam_field("beta", cli=False)
+    assert (cli_beta.default, loss_beta.default) == (0.5, 0.0)  # TRL's GKD default on the CLI, the launchers' here
+    assert loss_hparam_field("temperature").default == 0.9 and loss_hparam_field("jsd_token_clip").default == 0.05
+    assert set(cli_beta.metadata) == {"help"}
+    assert dict(loss_hparam_field("jsd_clip_mode").metadata)["choices"] == ["pointwise", "token"]

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pwopsd.losses import METHODS, chunked_distillation_loss, compute_distillation_loss, position_weights
+from pwopsd.chunked_loss import chunked_distillation_loss
+from pwopsd.losses import METHODS, compute_distillation_loss, position_weights
 
 F64 = torch.float64
 MASK = torch.tensor(

@@ -1,10 +1,10 @@
-"""Self-distillation collator: the student and teacher prompts of SPEC §3, tokenized and padded.
+"""Self-distillation collator: the student and teacher prompts (docs/architecture.md#prompts), tokenized and padded.
 
 The student sees the problem; the teacher (same network) additionally sees the reference solution. Both prompts are
-rendered with the tokenizer's chat template, tokenized, padded to the batch maximum and returned as tensors. Labels
-are not built here: they need the rollout (see `opsd_trainer`).
+rendered with the tokenizer's chat template (the texts and the rendering are in `pwopsd.prompts`), tokenized, padded
+to the batch maximum and returned as tensors. Labels are not built here: they need the rollout (see `pwopsd.trainer`).
 
-Quirks kept by default (SPEC §3, §11.2):
+Quirks kept by default (docs/architecture.md#prompts, docs/deviations.md#upstream-issues-addressed):
 * the student is rendered with `enable_thinking=False` and, if its text ends with an unclosed `<think>`, gets
   `</think>\\n\\n` appended (DSR1/Olmo templates always open a think block); the teacher is rendered with
   `enable_thinking=True` and no patch, so for DSR1/Olmo it ends with an *open* `<think>` (thinking-mode mismatch);
@@ -18,83 +18,42 @@ block, the upstream author's suggestion in OPSD issue #10), `student_enable_thin
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-TEACHER_INTRO = "Here is a reference solution to this problem:\n"
-TEACHER_TRANSITION = (
-    "\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind each step — "
-    "do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same final answer "
-    "to the problem above. Think step by step, explore different approaches, and don't be afraid to backtrack or "
-    "reconsider if something doesn't work out:\n"
+# The prompt texts live in pwopsd.prompts (shared with evaluation); re-exported here for existing importers.
+from pwopsd.prompts import (
+    INSTRUCTION,
+    TEACHER_INTRO,
+    TEACHER_THINK_MODES,
+    TEACHER_TRANSITION,
+    THINK_PATCH,
+    patch_unclosed_think,
+    render_user_prompt,
+    student_message,
+    student_prompt_text,
+    teacher_message,
+    teacher_prompt_text,
 )
-THINK_PATCH = "</think>\n\n"
-_UNCLOSED_THINK = re.compile(r"<think\s*>\s*$")
-TEACHER_THINK_MODES = ("reference", "match_student", "open_think")
 
-
-def student_message(problem: str) -> str:
-    """`Problem: {problem}\\n\\nPlease reason step by step, and put your final answer within \\boxed{}.`"""
-    return f"Problem: {problem}\n\n{INSTRUCTION}"
-
-
-def teacher_message(problem: str, solution: str) -> str:
-    """The six parts of SPEC §3: problem, intro, solution block, transition, separator, instruction."""
-    return (
-        f"Problem: {problem}\n\n"
-        + TEACHER_INTRO
-        + f"=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
-        + TEACHER_TRANSITION
-        + "\n"
-        + INSTRUCTION
-    )
-
-
-def patch_unclosed_think(text: str) -> str:
-    """Append `</think>\\n\\n` if `text` ends in an unclosed think tag (regex `<think\\s*>\\s*$`), else return it."""
-    return text + THINK_PATCH if _UNCLOSED_THINK.search(text) else text
-
-
-def render_user_prompt(tokenizer: PreTrainedTokenizerBase, content: str, *, enable_thinking: bool) -> str:
-    """Render one user message with the chat template and the assistant generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}],
-        tokenize=False,
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-    )
-
-
-def student_prompt_text(tokenizer: PreTrainedTokenizerBase, problem: str, *, enable_thinking: bool = False) -> str:
-    """Student prompt: thinking off (reference) and the unclosed-think patch."""
-    text = render_user_prompt(tokenizer, student_message(problem), enable_thinking=enable_thinking)
-    return text if enable_thinking else patch_unclosed_think(text)
-
-
-def teacher_prompt_text(
-    tokenizer: PreTrainedTokenizerBase,
-    problem: str,
-    solution: str,
-    *,
-    think_mode: str = "reference",
-    student_enable_thinking: bool = False,
-) -> str:
-    """Teacher prompt: thinking on, no patch (`reference`), or aligned with the student's think prefix (opt-in)."""
-    content = teacher_message(problem, solution)
-    if think_mode == "reference":
-        return render_user_prompt(tokenizer, content, enable_thinking=True)
-    if think_mode == "match_student":
-        text = render_user_prompt(tokenizer, content, enable_thinking=student_enable_thinking)
-        return text if student_enable_thinking else patch_unclosed_think(text)
-    if think_mode == "open_think":
-        text = render_user_prompt(tokenizer, content, enable_thinking=True)
-        return text if _UNCLOSED_THINK.search(text) else text + "<think>\n"
-    raise ValueError(f"unknown teacher think mode {think_mode!r}; choose one of {', '.join(TEACHER_THINK_MODES)}")
+__all__ = [
+    "INSTRUCTION",
+    "TEACHER_INTRO",
+    "TEACHER_THINK_MODES",
+    "TEACHER_TRANSITION",
+    "THINK_PATCH",
+    "SelfDistillationDataCollator",
+    "patch_unclosed_think",
+    "render_user_prompt",
+    "student_message",
+    "student_prompt_text",
+    "teacher_message",
+    "teacher_prompt_text",
+    "tokenize_prompts",
+]
 
 
 def tokenize_prompts(
@@ -120,7 +79,7 @@ def tokenize_prompts(
 
 
 class SelfDistillationDataCollator:
-    """Collate `{problem, solution}` rows into student and teacher prompt tensors (SPEC §3).
+    """Collate `{problem, solution}` rows into student and teacher prompt tensors (docs/architecture.md#prompts).
 
     Output keys: `student_prompts`, `student_prompt_attention_mask`, `student_prompt_length` (P_S, int),
     `student_prompt_lengths_per_example` and the same four `teacher_*` keys (P_T). No `labels`.
@@ -137,7 +96,7 @@ class SelfDistillationDataCollator:
     ) -> None:
         if reason_first:
             raise NotImplementedError(
-                "--reason_first is not implemented: the reference's analysis instruction is unknown (SPEC §12 #7) "
+                "--reason_first is not implemented: the reference's analysis instruction is unpublished "
                 "and no run uses it; drop the flag"
             )
         if padding_side not in ("right", "left"):

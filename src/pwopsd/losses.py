@@ -1,4 +1,4 @@
-"""The four on-policy distillation losses of pwopsd: ``opsd``, ``pwopsd``, ``eopd``, ``reopold`` (SPEC §5).
+"""The four on-policy distillation losses of pwopsd: ``opsd``, ``eopd``, ``pwopsd``, ``reopold`` (docs/methods.md).
 
 Every method is a function of the two temperature-scaled distributions log p = log_softmax(z_S / T) and
 log q = log_softmax(z_T / T), split in two small pure functions registered in :data:`METHODS`:
@@ -10,17 +10,19 @@ log q = log_softmax(z_T / T), split in two small pure functions registered in :d
   PW-OPSD weights and row lengths, REOPOLD's phase mask and entropy quantile, the reductions, the logged metrics.
 
 :func:`compute_distillation_loss` applies ``token_terms`` to materialised ``[B, T, V]`` logits (the reference's way).
-:func:`chunked_distillation_loss` applies the *same* ``token_terms`` to the valid tokens only, a chunk at a time,
-projecting ``hidden @ W.T`` inside the chunk, and then the *same* ``reduce``: no ``[B, T, V]`` tensor ever exists.
-Both paths therefore agree by construction up to float rounding of the projection.
+:func:`pwopsd.chunked_loss.chunked_distillation_loss` applies the *same* ``token_terms`` to the valid tokens only, a
+chunk at a time, projecting ``hidden @ W.T`` inside the chunk, and then the *same* ``reduce``: no ``[B, T, V]``
+tensor ever exists. Both paths therefore agree by construction up to float rounding of the projection.
 
-Numerical rules (SPEC §5.6): upcast to float32 before dividing by ``T``; ``log_softmax``, never ``log(softmax)``;
-``logaddexp`` for the JSD mixture; ``-100`` ids replaced by 0 before any gather; masking with ``where`` (NaN/inf in
-padded positions cannot leak into the value); every denominator clamped to at least 1; a micro-batch without valid
-tokens returns a zero that is attached to the graph (backward runs and yields zero gradients).
+Numerical rules (docs/methods.md#numerical-safety): upcast to float32 before dividing by ``T``; ``log_softmax``,
+never ``log(softmax)``; ``logaddexp`` for the JSD mixture; ``-100`` ids replaced by 0 before any gather; masking with
+``where`` (NaN/inf in padded positions cannot leak into the value); every denominator clamped to at least 1; a
+micro-batch without valid tokens returns a zero that is attached to the graph (backward runs and yields zero
+gradients).
 
 Deviation from the reference: the reference computes the ``opsd`` loss in the model dtype (bf16); here every method
-computes in float32 (float64 inputs stay float64). ``opsd_bf16=True`` restores bf16 for ``opsd`` (SPEC §12 #5).
+computes in float32 (float64 inputs stay float64). ``opsd_bf16=True`` restores bf16 for ``opsd``
+(docs/methods.md#numerical-safety).
 """
 
 from __future__ import annotations
@@ -28,13 +30,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "EOPD_CLIP_EPS",
@@ -44,12 +45,13 @@ __all__ = [
     "DistillationMethod",
     "LossHParams",
     "check_hparams",
-    "chunked_distillation_loss",
     "compute_distillation_loss",
     "eopd_gate",
     "get_method",
     "gkd_element_terms",
     "gkd_token_loss",
+    "loss_hparam_field",
+    "loss_hparam_fields",
     "loss_hparams_from_args",
     "position_weights",
     "reopold_floor",
@@ -71,29 +73,6 @@ REOPOLD_NEG_INF_REWARD = -1e30  # a -inf reward becomes this before the floor re
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LossHParams:
-    """The loss hyper-parameters, named exactly as the training flags, with the reference defaults (SPEC §2.2)."""
-
-    temperature: float = 1.1  # T: divides student and teacher logits in every method (SPEC §4.6)
-    beta: float = 0.0  # GKD β of opsd/pwopsd: 0 forward KL, 1 reverse KL, (0,1) generalised JSD
-    jsd_token_clip: float = 0.05  # c: upper clip of each (token, vocabulary) element term; 0 = off
-    jsd_clip_mode: str = "pointwise"  # opt-in (SPEC §11.2): "pointwise" (reference) or "token" (clip ℓ_t itself)
-    top_k_loss: int = 0  # k > 0: renormalise student and teacher over the teacher's top-k (opsd/pwopsd)
-    use_tinker_loss: bool = False  # opsd only: sampled-token policy-gradient reverse KL (SPEC §5.1)
-    opsd_bf16: bool = False  # opsd only: element terms in bf16 as the reference (SPEC §4.7, §12 #5)
-    position_w_min: float = 0.25  # PW-OPSD schedule (SPEC §5.2)
-    position_tau: float = 0.30
-    position_s: float = 0.10
-    position_global_reduction: bool = False  # PW-OPSD ablation: global token mean instead of per-sequence
-    reopold_lambda: float = 0.1  # REOPOLD floor ln λ / (1 - λ)  (SPEC §5.4)
-    reopold_beta: float = 0.2  # REOPOLD phase II keeps the top β fraction of tokens by student entropy
-    reopold_t_switch: int = 50  # REOPOLD phase I for global_step < t_switch, phase II after
-
-
-HPARAM_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossHParams))
-
-
 def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -102,23 +81,173 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-# name -> (predicate, what a valid value is). Checked for the hyper-parameters the method uses.
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _hparam(
+    default: Any,
+    help_text: str,
+    check: Callable[[Any], bool],
+    valid: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    cli_default: Any = dataclasses.MISSING,
+) -> Any:
+    """One loss flag: its default, help text, valid range (predicate + the words of the error) in one place."""
+    metadata: dict[str, Any] = {"help": help_text, "check": check, "valid": valid}
+    if choices is not None:
+        metadata["choices"] = choices
+    if cli_default is not dataclasses.MISSING:
+        metadata["cli_default"] = cli_default
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class LossHParams:
+    """The loss hyper-parameters: the single declaration of every loss flag (docs/methods.md#flags-and-defaults).
+
+    Each field is named exactly as its training flag (``--name``) and carries, in ``field(metadata=...)``:
+
+    * ``"help"``: the flag's help text;
+    * ``"check"``: a predicate a valid value satisfies, and ``"valid"``: what a valid value is, in the words of the
+      error ``--name {valid}, got ...`` (:func:`check_hparams` checks the flags the method uses, and ``temperature``);
+    * ``"choices"`` (string flags only): the accepted values;
+    * ``"cli_default"`` (only where it differs): the training command line's default.
+
+    Adding a loss flag is adding one field here (plus the method's ``hparams`` in :data:`METHODS` when a method reads
+    it). The training configuration declares its loss flags from these fields: :func:`loss_hparam_fields` lists them
+    and :func:`loss_hparam_field` turns one into a config field (default, help and choices only).
+
+    The defaults are the launchers' values (the paper's settings), so calling the losses directly reproduces the
+    paper. Two differ on the training command line, ``temperature`` 0.9 and ``beta`` 0.5 (``cli_default``): there they
+    are the defaults of TRL's GKD-family configuration (``GKDConfig``, and ``GOLDConfig``, the class the reference
+    parses), which the reference script inherits for any flag it does not pass, and pwopsd keeps them so that the
+    same command line behaves like the reference's; every launcher passes ``--temperature 1.1 --beta 0``. See
+    docs/methods.md#why-the-cli-defaults-differ-from-the-launchers.
+    """
+
+    temperature: float = _hparam(
+        1.1,
+        "Temperature T > 0: divides the student and teacher logits in every loss, and is the sampling temperature "
+        "(top-p and top-k never enter a loss). Launchers: 1.1.",
+        lambda v: _is_real(v) and v > 0,
+        "must be a number > 0",
+        cli_default=0.9,
+    )
+    beta: float = _hparam(
+        0.0,
+        "GKD beta in [0, 1] of opsd/pwopsd: 0 = forward KL, 1 = reverse KL, in between the generalised JSD "
+        "(unrelated to --reopold_beta). Launchers: 0.",
+        lambda v: _is_real(v) and 0 <= v <= 1,
+        "(the GKD β) must be in [0, 1]",
+        cli_default=0.5,
+    )
+    jsd_token_clip: float = _hparam(
+        0.05,
+        "Upper clip c >= 0 of each (token, vocabulary) divergence term (opsd/pwopsd); 0 = off.",
+        lambda v: _is_real(v) and v >= 0,
+        "must be >= 0 (0 disables the clip)",
+    )
+    jsd_clip_mode: str = _hparam(
+        "pointwise",
+        "pointwise = reference (clip each (token, vocabulary) term, so token losses can be negative); token = clip the "
+        "per-token loss itself (opt-in fix, docs/deviations.md#upstream-issues-addressed).",
+        lambda v: v in ("pointwise", "token"),
+        "must be 'pointwise' or 'token'",
+        choices=("pointwise", "token"),
+    )
+    top_k_loss: int = _hparam(
+        0,
+        "0 = full vocabulary; k > 0 = renormalise student and teacher over the teacher's top-k (opsd/pwopsd).",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0 = full vocabulary)",
+    )
+    use_tinker_loss: bool = _hparam(
+        False,
+        "opsd only: sampled-token policy-gradient reverse KL instead of the full-vocabulary divergence.",
+        _is_bool,
+        "must be True or False",
+    )
+    opsd_bf16: bool = _hparam(
+        False,
+        "opsd only: element terms in bf16 as the reference computed them (default: float32, as every other loss).",
+        _is_bool,
+        "must be True or False",
+    )
+    position_w_min: float = _hparam(
+        0.25,
+        "PW-OPSD schedule: minimum weight w_min >= 0 of w = w_min + (1 - w_min) sigmoid((u - tau) / s).",
+        lambda v: _is_real(v) and v >= 0,
+        "must be a number >= 0",
+    )
+    position_tau: float = _hparam(
+        0.30,
+        "PW-OPSD schedule: centre tau, a fraction of the row's own number of valid tokens.",
+        _is_real,
+        "must be a finite number",
+    )
+    position_s: float = _hparam(
+        0.10,
+        "PW-OPSD schedule: sigmoid width s > 0 (values below 1e-6 are used as 1e-6).",
+        lambda v: _is_real(v) and v > 0,
+        "must be > 0 (values below 1e-6 are used as 1e-6)",
+    )
+    position_global_reduction: bool = _hparam(
+        False,
+        "PW-OPSD ablation: global token mean instead of the per-sequence mean.",
+        _is_bool,
+        "must be True or False",
+    )
+    reopold_lambda: float = _hparam(
+        0.1,
+        "REOPOLD: lambda of the reward floor ln(lambda) / (1 - lambda), in (0, 1).",
+        lambda v: _is_real(v) and 0 < v < 1,
+        "must be in (0, 1)",
+    )
+    reopold_beta: float = _hparam(
+        0.2,
+        "REOPOLD phase II: the fraction beta in (0, 1] of tokens kept, by highest student entropy.",
+        lambda v: _is_real(v) and 0 < v <= 1,
+        "(REOPOLD's kept fraction) must be in (0, 1]",
+    )
+    reopold_t_switch: int = _hparam(
+        50,
+        "REOPOLD phase switch (an optimizer step >= 0): phase I (drop floored tokens) for optimizer steps < t_switch, "
+        "phase II after.",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0",
+    )
+
+
+HPARAM_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossHParams))
+
+# name -> (predicate, what a valid value is), read from the field metadata. Checked for the hyper-parameters the
+# method uses.
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "temperature": (lambda v: _is_real(v) and v > 0, "must be a number > 0"),
-    "beta": (lambda v: _is_real(v) and 0 <= v <= 1, "(the GKD β) must be in [0, 1]"),
-    "jsd_token_clip": (lambda v: _is_real(v) and v >= 0, "must be >= 0 (0 disables the clip)"),
-    "jsd_clip_mode": (lambda v: v in ("pointwise", "token"), "must be 'pointwise' or 'token'"),
-    "top_k_loss": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0 (0 = full vocabulary)"),
-    "use_tinker_loss": (lambda v: isinstance(v, bool), "must be True or False"),
-    "opsd_bf16": (lambda v: isinstance(v, bool), "must be True or False"),
-    "position_w_min": (lambda v: _is_real(v) and v >= 0, "must be a number >= 0"),
-    "position_tau": (_is_real, "must be a finite number"),
-    "position_s": (lambda v: _is_real(v) and v > 0, "must be > 0 (values below 1e-6 are used as 1e-6)"),
-    "position_global_reduction": (lambda v: isinstance(v, bool), "must be True or False"),
-    "reopold_lambda": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
-    "reopold_beta": (lambda v: _is_real(v) and 0 < v <= 1, "(REOPOLD's kept fraction) must be in (0, 1]"),
-    "reopold_t_switch": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    f.name: (f.metadata["check"], f.metadata["valid"]) for f in dataclasses.fields(LossHParams)
 }
+
+
+def loss_hparam_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of :class:`LossHParams`, in declaration order; see its docstring for the metadata keys."""
+    return dataclasses.fields(LossHParams)
+
+
+def loss_hparam_field(name: str, *, cli: bool = True) -> Any:
+    """A ``dataclasses.field`` declaring the loss flag ``name`` in a configuration dataclass.
+
+    Only ``help`` and ``choices`` go into its metadata, so HfArgumentParser (which passes the metadata to
+    ``add_argument`` as keyword arguments) accepts it; validate the values with :func:`check_hparams`. ``cli=True``
+    uses the training command line's default (``cli_default`` where declared), ``cli=False`` the loss default.
+    Use: ``beta: float = loss_hparam_field("beta")``.
+    """
+    f = LossHParams.__dataclass_fields__[name]
+    metadata: dict[str, Any] = {"help": f.metadata["help"]}
+    if "choices" in f.metadata:
+        metadata["choices"] = list(f.metadata["choices"])
+    default = f.metadata.get("cli_default", f.default) if cli else f.default
+    return field(default=default, metadata=metadata)
 
 
 def _make_hparams(method: DistillationMethod, hparams: Mapping[str, Any]) -> LossHParams:
@@ -215,7 +344,7 @@ def gkd_token_loss(
     clip_mode: str = "pointwise",
     top_k: int = 0,
 ) -> Tensor:
-    """Per-token OPSD loss ℓ_t = Σ_v min(d_{t,v}, c) (SPEC §5.1); [..., V] log-probs at temperature T -> [...].
+    """Per-token OPSD loss ℓ_t = Σ_v min(d_{t,v}, c) (docs/methods.md#opsd); [..., V] log-probs at T -> [...].
 
     d are :func:`gkd_element_terms`. The clip c is point-wise and upper-only, before the vocabulary sum (clipped
     entries pass no gradient, ℓ_t may be negative); c = 0 disables it. ``clip_mode="token"`` (opt-in) clips the sum
@@ -238,7 +367,8 @@ def gkd_token_loss(
 def schedule_weight(u: Tensor, w_min: float, tau: float, s: float) -> Tensor:
     """PW-OPSD schedule w(u) = w_min + (1 - w_min) · σ((u - τ) / max(s, 1e-6)) of a relative position u ∈ [0, 1].
 
-    The Moderate schedule (0.25, 0.30, 0.10) gives w(0) = 0.2856, w(0.3) = 0.625, w(1) = 0.9993 (SPEC §5.7).
+    The Moderate schedule (0.25, 0.30, 0.10) gives w(0) = 0.2856, w(0.3) = 0.625, w(1) = 0.9993
+    (docs/methods.md#test-vectors).
     """
     ok, what = _CHECKS["position_s"]
     if not ok(s):
@@ -247,7 +377,7 @@ def schedule_weight(u: Tensor, w_min: float, tau: float, s: float) -> Tensor:
 
 
 def position_weights(mask: Tensor, w_min: float, tau: float, s: float) -> Tensor:
-    """PW-OPSD position weights (SPEC §5.2); [B, T] bool mask -> [B, T] float32, 0 at invalid positions.
+    """PW-OPSD position weights (docs/methods.md#pwopsd); [B, T] bool mask -> [B, T] float32, 0 at invalid positions.
 
     L_b = max(Σ_t m_bt, 1), k_bt = Σ_{t' <= t} m_bt', u_bt = max(k_bt - 1/2, 0) / L_b, w_bt = w(u_bt) of
     :func:`schedule_weight`. The position is relative to the row's own valid tokens (not max_completion_length).
@@ -259,12 +389,12 @@ def position_weights(mask: Tensor, w_min: float, tau: float, s: float) -> Tensor
 
 
 def reopold_floor(lam: float) -> float:
-    """REOPOLD's reward floor f = ln(λ) / (1 - λ) (SPEC §5.4; λ = 0.1 gives -2.5584)."""
+    """REOPOLD's reward floor f = ln(λ) / (1 - λ) (docs/methods.md#reopold; λ = 0.1 gives -2.5584)."""
     return math.log(lam) / (1 - lam)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# opsd and pwopsd (SPEC §5.1, §5.2)
+# opsd and pwopsd (docs/methods.md#opsd, docs/methods.md#pwopsd)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -339,12 +469,12 @@ def _pwopsd_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParams
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# eopd (SPEC §5.3)
+# eopd (docs/methods.md#eopd)
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def eopd_gate(teacher_entropy: Tensor) -> Tensor:
-    """EOPD's gate g = 1[H^T > 0.8]: strict, so H^T = 0.8 is off (SPEC §5.3)."""
+    """EOPD's gate g = 1[H^T > 0.8]: strict, so H^T = 0.8 is off (docs/methods.md#eopd)."""
     return teacher_entropy > EOPD_ENTROPY_THRESHOLD
 
 
@@ -393,7 +523,7 @@ def _eopd_reduce(terms: Terms, mask: Tensor, global_step: int, hp: LossHParams) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# reopold (SPEC §5.4)
+# reopold (docs/methods.md#reopold)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -450,6 +580,8 @@ class DistillationMethod:
     """A ``--method``: its per-token quantities, its batch-level reduction and the hyper-parameters it reads.
 
     ``log_prob_dtype(hp)``: the dtype of log p and log q; None = float32 (float64 for float64 inputs).
+    ``launcher_args``: the extra training flags the paper's launchers pass for this method, as the strings the bash
+    launchers print (e.g. ``"0.30"``, not ``"0.3"``); the shared launcher arguments are not repeated here.
     """
 
     name: str
@@ -458,12 +590,14 @@ class DistillationMethod:
     hparams: tuple[str, ...]
     summary: str
     log_prob_dtype: Callable[[LossHParams], torch.dtype | None] = lambda hp: None
+    launcher_args: tuple[str, ...] = ()
 
 
 _GKD_HPARAMS = ("beta", "jsd_token_clip", "jsd_clip_mode", "top_k_loss")
 
 METHODS: dict[str, DistillationMethod] = {
     m.name: m
+    # the order of the launchers, the summary tables and the README
     for m in (
         DistillationMethod(
             "opsd",
@@ -474,14 +608,15 @@ METHODS: dict[str, DistillationMethod] = {
             _opsd_log_prob_dtype,
         ),
         DistillationMethod(
+            "eopd", _eopd_token_terms, _eopd_reduce, (), "sampled reverse KL + entropy-gated top-16 forward KL"
+        ),
+        DistillationMethod(
             "pwopsd",
             _pwopsd_token_terms,
             _pwopsd_reduce,
             (*_GKD_HPARAMS, "position_w_min", "position_tau", "position_s", "position_global_reduction"),
             "opsd token loss x position weight, per-sequence mean",
-        ),
-        DistillationMethod(
-            "eopd", _eopd_token_terms, _eopd_reduce, (), "sampled reverse KL + entropy-gated top-16 forward KL"
+            launcher_args=("--position_w_min", "0.25", "--position_tau", "0.30", "--position_s", "0.10"),
         ),
         DistillationMethod(
             "reopold",
@@ -489,6 +624,7 @@ METHODS: dict[str, DistillationMethod] = {
             _reopold_reduce,
             ("reopold_lambda", "reopold_beta", "reopold_t_switch"),
             "floored-reward REINFORCE with a two-phase token mask",
+            launcher_args=("--reopold_lambda", "0.1", "--reopold_beta", "0.2", "--reopold_t_switch", "50"),
         ),
     )
 }
@@ -542,158 +678,4 @@ def compute_distillation_loss(
     teacher_log_probs = _log_probs(teacher_logits.detach(), hp.temperature, dtype)
     terms = spec.token_terms(student_log_probs, teacher_log_probs, torch.where(mask, completion_ids, 0), hp)
     terms = {name: torch.where(mask, value, 0.0) for name, value in terms.items()}
-    return spec.reduce(terms, mask, global_step, hp)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Chunked path
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _ChunkSpec:
-    method: DistillationMethod
-    hp: LossHParams
-    chunk_size: int
-    names: tuple[str, ...] = ()  # filled in by the forward: the order of the Function's outputs
-
-
-def _chunk_log_probs(spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """log p and log q of a chunk from one product with the LM head (read once); the logits are freed on return."""
-    logits = torch.cat([student_h, teacher_h]) @ weight.T
-    dtype = spec.method.log_prob_dtype(spec.hp) or _math_dtype(logits)
-    # the values of _log_probs (z.to(dtype) / T), dividing the fresh product in place: no second [2·chunk, V] buffer;
-    # two separate outputs, so the teacher's can be freed before the backward
-    scaled = logits.to(dtype).div_(spec.hp.temperature)
-    return F.log_softmax(scaled[: len(student_h)], dim=-1), F.log_softmax(scaled[len(student_h) :], dim=-1)
-
-
-def _logit_grad(grad_log_probs: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
-    """Backward of z -> log_softmax(z / T): dz = (G - softmax · Σ_v G) / T (ATen's fused kernel, as autograd uses)."""
-    return torch._log_softmax_backward_data(grad_log_probs, log_probs, -1, log_probs.dtype).div_(temperature)
-
-
-def _hidden_jacobians(
-    terms: list[Tensor], student_log_probs: Tensor, weight: Tensor, temperature: float
-) -> list[Tensor]:
-    """J_t = ∂term_t/∂z_t @ W ([chunk, H]) of each per-token term (z = hidden @ W.T, log p = log_softmax(z / T))."""
-    jacobians = []
-    for k, term in enumerate(terms):
-        (grad,) = torch.autograd.grad(term, student_log_probs, torch.ones_like(term), retain_graph=k + 1 < len(terms))
-        jacobians.append(_logit_grad(grad, student_log_probs.detach(), temperature).to(weight.dtype) @ weight)
-    return jacobians
-
-
-class _ChunkedTokenTerms(torch.autograd.Function):
-    """``token_terms`` of N tokens, ``chunk_size`` at a time, projecting ``hidden @ W.T`` inside each chunk.
-
-    The teacher is a constant. Every per-token term depends on its own position only, so the loss gradient w.r.t. the
-    student logits of token t is dz_t = Σ_terms g_t · ∂term_t/∂z_t, and grad_h = dz @ W, grad_W = Σ_chunks dz^T h.
-    Frozen head (the LoRA case): the forward already pulls each differentiable term back to the hidden state,
-    J_t = ∂term_t/∂z_t @ W ([N, H] per term), so backward is grad_h = Σ_terms g_t · J_t, with no recomputation.
-    Trainable head: backward recomputes each chunk's log-probs (checkpointing) and accumulates grad_W in place.
-    Only one chunk's [chunk_size, V] tensors exist at any time.
-    """
-
-    @staticmethod
-    def forward(ctx, spec: _ChunkSpec, student_h: Tensor, teacher_h: Tensor, weight: Tensor, ids: Tensor):  # type: ignore[override]
-        need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        ctx.spec, ctx.need_h, ctx.need_w = spec, need_h, need_w
-        pieces, jacobians = [], []
-        # an empty micro-batch still runs one (empty) chunk: the outputs exist and the zero loss keeps its graph
-        for start in range(0, max(len(ids), 1), spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h[rows], teacher_h[rows], weight)
-            student_log_probs.requires_grad_(need_h or need_w)
-            with torch.set_grad_enabled(need_h or need_w):
-                terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids[rows], spec.hp)
-            del teacher_log_probs
-            if not spec.names:
-                spec.names = tuple(sorted(terms))
-                ctx.diff = tuple(i for i, n in enumerate(spec.names) if terms[n].requires_grad)
-            if need_h and not need_w:
-                diff = [terms[spec.names[i]] for i in ctx.diff]
-                jacobians.append(_hidden_jacobians(diff, student_log_probs, weight, spec.hp.temperature))
-                del diff
-            pieces.append([terms[n].detach() for n in spec.names])
-            del terms, student_log_probs  # this chunk's graph goes before the next chunk is projected
-        if need_w:
-            ctx.save_for_backward(student_h, teacher_h, weight, ids)
-        elif need_h:
-            ctx.save_for_backward(*(torch.cat([chunk[k] for chunk in jacobians]) for k in range(len(ctx.diff))))
-        outputs = tuple(torch.cat([piece[k] for piece in pieces]) for k in range(len(spec.names)))
-        ctx.mark_non_differentiable(*(o for i, o in enumerate(outputs) if i not in ctx.diff))
-        return outputs
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        spec, g = ctx.spec, [grads[i] for i in ctx.diff]
-        if not ctx.need_w:
-            jacobians = ctx.saved_tensors
-            grad_h = sum(gi.unsqueeze(-1) * jac for gi, jac in zip(g, jacobians)) if g else None
-            return None, None if grad_h is None else grad_h.to(jacobians[0].dtype), None, None, None
-        student_h, teacher_h, weight, ids = ctx.saved_tensors
-        grad_h = torch.zeros_like(student_h) if ctx.need_h else None
-        grad_w = torch.zeros_like(weight)
-        for start in range(0, len(ids), spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            student_log_probs, teacher_log_probs = _chunk_log_probs(spec, student_h[rows], teacher_h[rows], weight)
-            student_log_probs.requires_grad_()
-            with torch.enable_grad():
-                terms = spec.method.token_terms(student_log_probs, teacher_log_probs, ids[rows], spec.hp)
-                del teacher_log_probs
-                outs = [terms[spec.names[i]] for i in ctx.diff]
-                (grad,) = torch.autograd.grad(outs, student_log_probs, [gi[rows] for gi in g])
-            del terms, outs
-            dz = _logit_grad(grad, student_log_probs.detach(), spec.hp.temperature).to(weight.dtype)
-            del grad, student_log_probs
-            if grad_h is not None:
-                grad_h[rows] = dz @ weight
-            grad_w.addmm_(dz.T, student_h[rows].to(weight.dtype))
-            del dz
-        return None, grad_h, None, grad_w, None
-
-
-def chunked_distillation_loss(
-    method: str,
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    lm_head_weight: Tensor,
-    completion_ids: Tensor,
-    mask: Tensor,
-    *,
-    chunk_size: int = 256,
-    global_step: int = 0,
-    **hparams: Any,
-) -> tuple[Tensor, Metrics]:
-    """:func:`compute_distillation_loss` of ``student_hidden @ W.T`` and ``teacher_hidden @ W.T`` without the logits.
-
-    ``student_hidden``/``teacher_hidden``: [B, T, H] final hidden states (after the final norm), aligned like the
-    logits; ``lm_head_weight``: [V, H], frozen or trainable. Only the valid tokens are projected, ``chunk_size`` of
-    them at a time ([chunk_size, V] is the largest tensor); the per-token terms are gathered into [B, T] and reduced
-    by the method's own ``reduce``, so value and gradients (w.r.t. ``student_hidden`` and ``lm_head_weight``) equal
-    the dense path's. The teacher path carries no gradient. Same ``global_step``/``hparams`` as the dense path.
-    """
-    spec = get_method(method)
-    hp = _make_hparams(spec, hparams)
-    if not _is_int(chunk_size) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    _check_inputs(completion_ids, mask, student_hidden.shape[:-1])
-    if teacher_hidden.shape != student_hidden.shape or lm_head_weight.shape[-1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"shape mismatch: student_hidden {tuple(student_hidden.shape)}, teacher_hidden "
-            f"{tuple(teacher_hidden.shape)}, lm_head_weight {tuple(lm_head_weight.shape)}"
-        )
-    hidden = student_hidden.shape[-1]
-    valid = mask.reshape(-1).nonzero().squeeze(-1)
-    student_h = student_hidden.reshape(-1, hidden).index_select(0, valid)
-    teacher_h = teacher_hidden.detach().reshape(-1, hidden).index_select(0, valid)
-    ids = completion_ids.reshape(-1).index_select(0, valid)
-    chunk_spec = _ChunkSpec(spec, hp, chunk_size)
-    outputs = _ChunkedTokenTerms.apply(chunk_spec, student_h, teacher_h, lm_head_weight, ids)
-    terms = {
-        name: values.new_zeros(mask.numel()).index_copy(0, valid, values).view(mask.shape)
-        for name, values in zip(chunk_spec.names, outputs)
-    }
     return spec.reduce(terms, mask, global_step, hp)
