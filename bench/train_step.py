@@ -47,7 +47,9 @@ def run_worker(cfg: dict) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pwopsd.trainer import EAOPSDTrainer, OPSDConfig, distillation_batch_from_collated
+    from pwopsd.batch import distillation_batch_from_collated
+    from pwopsd.config import OPSDConfig
+    from pwopsd.trainer import EAOPSDTrainer
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()

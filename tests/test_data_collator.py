@@ -1,6 +1,8 @@
-"""Self-distillation collator (SPEC §3) and the sequence/label/alignment builder (SPEC §4.3).
+"""Self-distillation collator (docs/architecture.md#prompts) and the sequence/label/alignment builder
+(docs/architecture.md#distillation-batch).
 
-Expected strings are written out literally from SPEC §3 and the real templates, not produced by the code under test.
+Expected strings are written out literally from the reference behaviour and the real templates, not produced by the
+code under test.
 """
 
 from __future__ import annotations
@@ -9,19 +11,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pwopsd.batch import (
+    IGNORE_INDEX,
+    build_distillation_batch,
+    compact_position_ids,
+    distillation_batch_from_collated,
+    prompt_token_lists,
+)
 from pwopsd.collator import (
     SelfDistillationDataCollator,
     patch_unclosed_think,
     student_message,
     teacher_message,
     teacher_prompt_text,
-)
-from pwopsd.trainer import (
-    IGNORE_INDEX,
-    build_distillation_batch,
-    compact_position_ids,
-    distillation_batch_from_collated,
-    prompt_token_lists,
 )
 
 PROBLEM = "Let x be a real number. Find x."
@@ -166,8 +168,8 @@ def test_truncated_ragged_batch_equals_the_reference_two_pass_tokenization(token
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rollout_prompts_round_trip_through_text(tokenizers, arch):
-    """SPEC §4.2/§4.3, §11.2: decode with special tokens, strip pad strings, re-tokenize without special tokens ->
-    the same ids the rollout engine receives (the template is kept)."""
+    """Rollout prompts (docs/architecture.md#rollout): decode with special tokens, strip pad strings, re-tokenize
+    without special tokens -> the same ids the rollout engine receives (the template is kept)."""
     tok = tokenizers[arch]
     collator = SelfDistillationDataCollator(tok, max_length=20000)
     batch = collator([{"problem": "1+1?", "solution": "2"}, {"problem": PROBLEM, "solution": SOLUTION}])
@@ -184,7 +186,7 @@ def test_reason_first_is_not_implemented(tokenizers):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sequences, labels and alignment (SPEC §4.3)
+# Sequences, labels and alignment (docs/architecture.md#distillation-batch)
 # ---------------------------------------------------------------------------------------------------------------------
 PAD = 0
 
@@ -206,7 +208,7 @@ def _ragged_batch(padding_side="right"):
 
 
 def naive_reference_labels(student_ids: torch.Tensor, prompt_lengths: list[int]) -> torch.Tensor:
-    """SPEC §4.3 item 5, written as a loop."""
+    """The reference labels (each row's prompt and every pad id masked), written as a loop."""
     labels = student_ids.clone()
     for i in range(labels.size(0)):
         for j in range(labels.size(1)):

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT as REPO
 from transformers import AutoModelForCausalLM
 
 from pwopsd import train
-from pwopsd.trainer import OPSDConfig
+from pwopsd.config import OPSDConfig
 
 MUST_SHOW = (
     "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "
@@ -72,7 +72,7 @@ def test_must_show_command_then_merge(tiny_model_dir, train_jsonl, tmp_path, met
 # ---------------------------------------------------------------------------------------------------------------------
 def test_reference_defaults_are_explicit(tmp_path):
     args = OPSDConfig(output_dir=str(tmp_path))
-    expected = {  # SPEC §2.2 and §2.3 (library defaults of the reference's pinned versions)
+    expected = {  # the reference's flags and inherited defaults (library defaults of its pinned versions)
         "method": None,
         "use_tinker_loss": False,
         "fixed_teacher": False,
@@ -219,7 +219,7 @@ def test_cli_error_has_no_traceback(tiny_model_dir, train_jsonl, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "ea_opsd_train.py: error: unknown --method 'x': choose one of opsd, pwopsd, eopd, reopold"
+        "ea_opsd_train.py: error: unknown --method 'x': choose one of opsd, eopd, pwopsd, reopold"
     )
 
 

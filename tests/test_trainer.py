@@ -15,17 +15,13 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pwopsd import trainer as trainer_module
+from pwopsd import batch as batch_module
+from pwopsd.batch import build_distillation_batch, distillation_batch_from_collated
 from pwopsd.collator import SelfDistillationDataCollator
+from pwopsd.config import ConfigError, OPSDConfig
 from pwopsd.losses import METHODS
-from pwopsd.trainer import (
-    ConfigError,
-    EAOPSDTrainer,
-    EMATeacher,
-    OPSDConfig,
-    build_distillation_batch,
-    distillation_batch_from_collated,
-)
+from pwopsd.teacher import EMATeacher
+from pwopsd.trainer import EAOPSDTrainer
 
 ROWS = [
     {"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}
@@ -380,11 +376,11 @@ def test_vllm_rollouts_get_reference_engine_and_sampling_arguments(tiny_model_di
     built = []  # (prompt ids, completion) of every micro-batch that was trained on
 
     def spy(**kwargs):
-        prompts = trainer_module.prompt_token_lists(kwargs["student_prompts"], kwargs["student_prompt_attention_mask"])
+        prompts = batch_module.prompt_token_lists(kwargs["student_prompts"], kwargs["student_prompt_attention_mask"])
         built.extend(zip(map(tuple, prompts), kwargs["completions"]))
         return build_distillation_batch(**kwargs)
 
-    monkeypatch.setattr(trainer_module, "build_distillation_batch", spy)
+    monkeypatch.setattr(batch_module, "build_distillation_batch", spy)
     path = tiny_model_dir("qwen3")
     args = make_args(
         tmp_path,

@@ -2,7 +2,7 @@
 
 The student sees the problem; the teacher (same network) additionally sees the reference solution. Both prompts are
 rendered with the tokenizer's chat template (the texts and the rendering are in `pwopsd.prompts`), tokenized, padded
-to the batch maximum and returned as tensors. Labels are not built here: they need the rollout (see `pwopsd.trainer`).
+to the batch maximum and returned as tensors. Labels are not built here: they need the rollout (see `pwopsd.batch`).
 
 Quirks kept by default (docs/architecture.md#prompts, docs/deviations.md#upstream-issues-addressed):
 * the student is rendered with `enable_thinking=False` and, if its text ends with an unclosed `<think>`, gets

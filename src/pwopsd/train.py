@@ -1,13 +1,14 @@
-"""Train a LoRA adapter by on-policy self-distillation (SPEC §2).
+"""Train a LoRA adapter by on-policy self-distillation: parse the flags, load model and data, run the trainer.
 
     PWOPSD_TRAIN_DATASET=train.jsonl python code/ea_opsd_train.py --model_name_or_path MODEL --method pwopsd \\
         --output_dir outputs/run --use_peft --fixed_teacher ...
 
-Flags: every field of `OPSDConfig` (GOLDConfig + SPEC §2.2), TRL's `ModelConfig` (model, LoRA) and the script
-arguments below. The dataset is `PWOPSD_TRAIN_DATASET` (default `siyanzhao/Openthoughts_math_30k_opsd`), or
-`--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file or a folder of them (files whose name
-contains `train` if there are any, e.g. a Hub snapshot's `data/train-*.parquet`); only `problem` and `solution` are
-read. User errors (bad flags, unreadable data, missing model) print one line and exit with status 2.
+Flags: every field of `OPSDConfig` (TRL's GOLDConfig plus the method flags, see docs/methods.md#flags-and-defaults),
+TRL's `ModelConfig` (model, LoRA) and the script arguments below. The dataset is `PWOPSD_TRAIN_DATASET` (default
+`siyanzhao/Openthoughts_math_30k_opsd`), or `--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file
+or a folder of them (files whose name contains `train` if there are any, e.g. a Hub snapshot's
+`data/train-*.parquet`); only `problem` and `solution` are read. User errors (bad flags, unreadable data, missing
+model) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _parser():
     """`TrlParser((ScriptArguments, OPSDConfig, ModelConfig))` whose argparse errors are one line, not the usage."""
     from trl import ModelConfig, TrlParser
 
-    from pwopsd.trainer import OPSDConfig
+    from pwopsd.config import OPSDConfig
 
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse would print the (very long) usage first
@@ -105,7 +106,8 @@ def format_learning_rate(lr: float) -> str:
 
 
 def apply_run_config(training_args) -> None:
-    """`--run_config NAME`: append NAME to output_dir (unless already there), name the WandB run (SPEC §2.1)."""
+    """`--run_config NAME`: append NAME to output_dir (unless already there), name the WandB run
+    `{NAME}_lr{lr}_bs{processes × per-device batch × GA}` (docs/architecture.md#dataset-and-cli)."""
     if training_args.wandb_project:
         os.environ["WANDB_PROJECT"] = training_args.wandb_project
     name = training_args.run_config
@@ -161,8 +163,9 @@ def run(argv: list[str] | None = None) -> int:
 
     from trl import get_peft_config
 
+    from pwopsd.config import ConfigError
     from pwopsd.losses import METHODS
-    from pwopsd.trainer import ConfigError, EAOPSDTrainer
+    from pwopsd.trainer import EAOPSDTrainer
 
     if training_args.method is None:
         raise UserError(f"--method is required: {' | '.join(METHODS)}")

@@ -1,452 +1,56 @@
-"""On-policy self-distillation trainer (SPEC §4): rollouts, teacher pass, labels and alignment, teacher modes.
+"""The on-policy self-distillation trainer: TRL's `SFTTrainer` with rollouts, a teacher pass and a distillation loss.
 
-One training step, per micro-batch:
-  1. the collator gives student and teacher prompt ids (SPEC §3);
-  2. the student samples one completion per prompt, with vLLM (colocate or server, TRL's `VLLMGeneration`, weights
-     synced after every optimizer step) or with transformers `generate` (CPU, tests);
-  3. `build_distillation_batch` concatenates prompt + completion for the student and the teacher and builds labels and
-     the loss mask (pad == EOS masking and right-padded prompts with `arange` position ids, as the reference);
-  4. the teacher (base weights with LoRA disabled, an EMA of the trainable weights, or the current weights) and the
-     student are run; by default only their final hidden states at the completion positions are kept and the loss
-     is computed chunk by chunk through the LM head (`distill_losses.chunked_distillation_loss`), so `[B, T, V]`
-     logits never exist; `--dense_loss` takes the reference path through full logits.
+The student learns from its own samples, scored by a teacher that is the same network reading a privileged prompt (the
+problem plus its reference solution). One training step, per micro-batch (docs/architecture.md#training-data-flow):
 
-The loss itself is one entry of `distill_losses.METHODS`; this trainer fixes it to `opsd` and `EAOPSDTrainer`
-(ea_opsd_trainer.py) dispatches `--method`.
+  1. the collator (`pwopsd.collator`) gives the student and teacher prompt ids;
+  2. the student samples one completion per prompt (`pwopsd.rollouts`: vLLM through TRL's `VLLMGeneration`, weights
+     synced after every optimizer step, or transformers `generate` on CPU and in tests);
+  3. `pwopsd.batch` appends each completion to both prompts and builds the labels and the loss mask (pad == EOS
+     masking and right-padded prompts with `arange` position ids, as the reference);
+  4. the teacher (`pwopsd.teacher`: base weights with LoRA disabled, an EMA of the trainable weights, or the current
+     weights) runs without gradient, then the student with it; by default only their final hidden states at the
+     completion positions are kept and the loss is computed chunk by chunk through the LM head
+     (`pwopsd.chunked_loss`), so `[B, T, V]` logits never exist; `--dense_loss` takes the reference path through full
+     logits.
+
+The loss is the entry `args.method` of `pwopsd.losses.METHODS` (`opsd`, `pwopsd`, `eopd`, `reopold`), chosen by
+`--method`; `EAOPSDTrainer`, the reference's name, is the same class.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GOLDConfig lives in trl.experimental (as in the reference)
-
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
-from trl.experimental.gold import GOLDConfig
-from trl.models import unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import disable_dropout_in_model
 
-from pwopsd.collator import TEACHER_THINK_MODES, SelfDistillationDataCollator
+from pwopsd.batch import distillation_batch_from_collated, prompt_token_lists
+from pwopsd.chunked_loss import chunked_distillation_loss
+from pwopsd.collator import SelfDistillationDataCollator
+from pwopsd.config import ConfigError, OPSDConfig
 from pwopsd.io import atomic_write_text
-from pwopsd.losses import (
-    METHODS,
-    check_hparams,
-    chunked_distillation_loss,
-    compute_distillation_loss,
-    loss_hparams_from_args,
+from pwopsd.losses import METHODS, compute_distillation_loss, loss_hparams_from_args
+from pwopsd.rollouts import TransformersRollouts, VLLMRollouts, eos_token_ids
+from pwopsd.teacher import (
+    EMATeacher,
+    check_teacher_model,
+    restore_ema_teacher,
+    save_ema_teacher,
+    teacher_context,
 )
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-EMA_FILE = "ema_teacher.pt"
-
-
-class ConfigError(ValueError):
-    """A user error in flags or inputs: reported as one line by the entry point, without a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class OPSDConfig(GOLDConfig):
-    """`GOLDConfig` (the reference's config class) plus the flags of SPEC §2.2 and pwopsd's opt-in switches.
-
-    Every inherited default that matters (SPEC §2.3) is set here explicitly, so results do not drift with TRL versions.
-    """
-
-    # --- SPEC §2.2: flags added by the reference ---------------------------------------------------------------
-    method: str | None = field(
-        default=None,
-        metadata={"help": "Distillation loss: " + "; ".join(f"{m.name} = {m.summary}" for m in METHODS.values()) + "."},
-    )
-    use_tinker_loss: bool = field(
-        default=False, metadata={"help": "opsd only: sampled-token policy-gradient reverse KL (SPEC §5.1)."}
-    )
-    fixed_teacher: bool = field(
-        default=False, metadata={"help": "Teacher = base weights with the LoRA adapter disabled. Needs --use_peft."}
-    )
-    use_ema_teacher: bool = field(default=False, metadata={"help": "Teacher = EMA of the trainable parameters."})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay d: ema <- d*ema + (1-d)*theta."})
-    run_config: str | None = field(
-        default=None, metadata={"help": "Run name: appended to output_dir; WandB name {run_config}_lr{lr}_bs{batch}."}
-    )
-    presence_penalty: float = field(default=0.0, metadata={"help": "vLLM rollout presence penalty."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Rollout repetition penalty."})
-    min_p: float = field(default=0.0, metadata={"help": "Rollout min-p."})
-    reason_first: bool = field(
-        default=False, metadata={"help": "Not implemented (SPEC §12 #7): the teacher first analyses the solution."}
-    )
-    max_reasoning_length: int = field(default=4096, metadata={"help": "reason_first only (not implemented)."})
-    top_k_loss: int = field(default=0, metadata={"help": "0 = full vocabulary; k > 0 = teacher top-k (opsd/pwopsd)."})
-    jsd_token_clip: float = field(
-        default=0.05, metadata={"help": "Point-wise upper clip of the divergence terms (opsd/pwopsd); 0 = off."}
-    )
-    jsd_clip_mode: str = field(
-        default="pointwise",
-        metadata={
-            "help": "pointwise = reference (clip each (token, vocab) term, losses can be negative); token = clip the "
-            "per-token loss itself (opt-in, SPEC §11.2).",
-            "choices": ["pointwise", "token"],
-        },
-    )
-    opsd_bf16: bool = field(
-        default=False, metadata={"help": "opsd only: element terms in bf16 as the reference (SPEC §12 #5)."}
-    )
-    position_w_min: float = field(default=0.25, metadata={"help": "PW-OPSD schedule: minimum weight w_min."})
-    position_tau: float = field(
-        default=0.30, metadata={"help": "PW-OPSD schedule: centre tau, a fraction of the row's own length."}
-    )
-    position_s: float = field(default=0.10, metadata={"help": "PW-OPSD schedule: sigmoid width s."})
-    position_global_reduction: bool = field(
-        default=False, metadata={"help": "PW-OPSD ablation: global token mean instead of the per-sequence mean."}
-    )
-    reopold_lambda: float = field(default=0.1, metadata={"help": "REOPOLD floor lambda in (0, 1)."})
-    reopold_beta: float = field(default=0.2, metadata={"help": "REOPOLD phase-II entropy fraction beta in (0, 1]."})
-    reopold_t_switch: int = field(default=50, metadata={"help": "REOPOLD phase switch (optimizer step)."})
-
-    # --- pwopsd additions (opt-in; defaults reproduce the reference) ---------------------------------------------
-    dense_loss: bool = field(
-        default=False,
-        metadata={"help": "Reference loss path through full [B, T, V] logits (default: chunked through the LM head)."},
-    )
-    loss_chunk_size: int = field(default=256, metadata={"help": "Completion positions per chunk (chunked loss)."})
-    prompt_padding: str = field(
-        default="right",
-        metadata={
-            "help": "right = reference (right-padded prompts, arange position ids); left = left-padded prompts with "
-            "compact position ids (fix for the right-padding quirk, SPEC §4.3 item 8).",
-            "choices": ["right", "left"],
-        },
-    )
-    teacher_think: str = field(
-        default="reference",
-        metadata={
-            "help": "reference = teacher rendered with thinking on (OPSD #10 mismatch kept); match_student = teacher "
-            "ends with the student's think prefix; open_think = append '<think>\\n' to the teacher prompt.",
-            "choices": list(TEACHER_THINK_MODES),
-        },
-    )
-    student_enable_thinking: bool = field(
-        default=False, metadata={"help": "Render the student prompt with thinking on (reference: off)."}
-    )
-    eos_mask: str = field(
-        default="pad_id",
-        metadata={
-            "help": "pad_id = reference (mask every pad-id token, so pad == EOS never trains the stop token); "
-            "length = mask by completion length, keeping the first EOS.",
-            "choices": ["pad_id", "length"],
-        },
-    )
-    rollout_batching: str = field(
-        default="micro_batch",
-        metadata={
-            "help": "micro_batch = one rollout call per micro-batch (reference); step = one call for all micro-batches "
-            "of an optimizer step (same policy, fewer and larger engine calls: faster with gradient accumulation).",
-            "choices": ["micro_batch", "step"],
-        },
-    )
-    generations_dump_steps: int = field(
-        default=5, metadata={"help": "Write output_dir/generations/generations_step_{N}.json every N steps; 0 = off."}
-    )
-    wandb_project: str | None = field(default=None, metadata={"help": "WandB project (sets WANDB_PROJECT)."})
-
-    # --- SPEC §2.3: inherited fields set explicitly -----------------------------------------------------------
-    learning_rate: float = field(default=1e-7, metadata={"help": "GOLD default 1e-7; the launchers pass 5e-6."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip; the launchers pass 0.1."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (reference: AdamW)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Linear decay to 0 at max_steps."})
-    warmup_steps: float = field(default=0, metadata={"help": "No warm-up."})
-    weight_decay: float = field(default=0.0, metadata={"help": "No weight decay."})
-    seed: int = field(default=42, metadata={"help": "Seed (also the data-sampler seed)."})
-    max_completion_length: int = field(default=128, metadata={"help": "Rollout length; launchers: 1024."})
-    max_length: int | None = field(default=1024, metadata={"help": "Prompt truncation limit; launchers: 20000."})
-    temperature: float = field(default=0.9, metadata={"help": "Sampling AND loss temperature; launchers: 1.1."})
-    top_p: float = field(default=0.95, metadata={"help": "Sampling top-p (never in the loss)."})
-    top_k: int = field(default=0, metadata={"help": "Sampling top-k, 0 = off (never in the loss); launchers: 20."})
-    lmbda: float = field(default=0.5, metadata={"help": "Stored but unused: every step is on-policy."})
-    beta: float = field(default=0.5, metadata={"help": "GKD beta (0 = forward KL); launchers: 0."})
-    seq_kd: bool = field(default=False, metadata={"help": "Unused."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout, including LoRA's."})
-    use_vllm: bool = field(default=False, metadata={"help": "Roll out with vLLM (GPU)."})
-    vllm_mode: str = field(default="server", metadata={"help": "colocate | server; launchers: colocate."})
-    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Colocated vLLM memory fraction."})
-    vllm_sync_frequency: int = field(default=1, metadata={"help": "Push weights to vLLM every N optimizer steps."})
-    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "vLLM sleep mode (reference: off)."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Gradient checkpointing."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "bf16 mixed precision. Default: on when a CUDA device is available, off on CPU."},
-    )
-    report_to: None | str | list[str] = field(  # noqa: RUF036 (this order is what HfArgumentParser parses)
-        default="wandb", metadata={"help": "Loggers (reference: wandb). `none` turns logging integrations off."}
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the raw `problem`/`solution` columns for the collator."}
-    )
-    dataset_kwargs: dict[str, Any] | str | None = field(
-        default_factory=lambda: {"skip_prepare_dataset": True},
-        metadata={"help": "SFT dataset preparation is skipped: the collator builds the prompts."},
-    )
-
-    def __post_init__(self) -> None:
-        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            # torchrun/accelerate started several processes on a machine without CUDA: without `use_cpu` accelerate
-            # would not join them (each would train alone); with it they form a gloo process group.
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = (not self.fp16) and torch.cuda.is_available() and not self.use_cpu
-        self.validate_pwopsd_flags()
-        super().__post_init__()
-
-    def validate_pwopsd_flags(self) -> None:
-        """Reject contradictory or out-of-range flags with a message naming the flag and the fix."""
-        for flag in fields(OPSDConfig):  # flags with a fixed set of values (argparse checks them only on the CLI)
-            choices = flag.metadata.get("choices")
-            if flag.name in OPSDConfig.__annotations__ and choices and getattr(self, flag.name) not in choices:
-                value = getattr(self, flag.name)
-                raise ConfigError(f"--{flag.name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.reason_first:
-            raise ConfigError(
-                "--reason_first is not implemented (the reference's analysis prompt is unknown, SPEC §12 #7; no run "
-                "uses it): drop the flag"
-            )
-        if self.fixed_teacher and self.use_ema_teacher:
-            raise ConfigError("--fixed_teacher and --use_ema_teacher are mutually exclusive: pick one teacher")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_length is not None and self.max_completion_length >= self.max_length:
-            raise ConfigError(
-                f"--max_completion_length ({self.max_completion_length}) must be smaller than --max_length "
-                f"({self.max_length}): raise --max_length or lower --max_completion_length"
-            )
-        if self.max_completion_length < 1:
-            raise ConfigError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
-        self.validate_loss_hparams()
-        if self.loss_chunk_size < 1:
-            raise ConfigError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
-        if self.generations_dump_steps < 0:
-            raise ConfigError(f"--generations_dump_steps must be >= 0, got {self.generations_dump_steps}")
-
-    def validate_loss_hparams(self) -> None:
-        """Check --method and the loss flags with the loss module's own checks (no model needed)."""
-        if self.method is not None and self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
-        try:
-            check_hparams(self.method or "opsd", **loss_hparams_from_args(self))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-    @property
-    def teacher_mode(self) -> str:
-        """`fixed` (LoRA disabled), `ema` or `dynamic` (the current student, no grad)."""
-        if self.fixed_teacher:
-            return "fixed"
-        return "ema" if self.use_ema_teacher else "dynamic"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sequences, labels and alignment (SPEC §4.3) — pure functions
-# ---------------------------------------------------------------------------------------------------------------
-def prompt_token_lists(prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[list[int]]:
-    """The real (unpadded) prompt tokens of each row, for the rollout engine."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu())]
-
-
-def truncate_at_eos(token_ids: Sequence[int], eos_token_ids: Sequence[int], max_len: int) -> list[int]:
-    """Keep tokens up to and including the first EOS, at most `max_len` tokens (the engine's `max_tokens`)."""
-    out: list[int] = []
-    eos = set(eos_token_ids)
-    for tok in list(token_ids)[:max_len]:
-        out.append(int(tok))
-        if tok in eos:
-            break
-    return out
-
-
-def pad_completions(
-    completions: Sequence[Sequence[int]], max_completion_length: int, pad_token_id: int
-) -> torch.Tensor:
-    """Right-pad (or truncate) every completion with `pad_token_id` to exactly `max_completion_length` tokens."""
-    out = torch.full((len(completions), max_completion_length), pad_token_id, dtype=torch.long)
-    for i, ids in enumerate(completions):
-        ids = list(ids)[:max_completion_length]
-        if ids:
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
-
-
-def build_labels(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Reference labels: clone the ids, mask each row's prompt `[:prompt_length_i]` and every pad-id position."""
-    labels = input_ids.clone()
-    positions = torch.arange(input_ids.size(1), device=input_ids.device)
-    labels[positions.unsqueeze(0) < prompt_lengths.to(input_ids.device).unsqueeze(1)] = IGNORE_INDEX
-    labels[input_ids == pad_token_id] = IGNORE_INDEX
-    return labels
-
-
-def compact_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only attended tokens (left-padded mode): `cumsum(mask) - 1`, clamped at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def build_distillation_batch(
-    *,
-    student_prompts: torch.Tensor,
-    student_prompt_attention_mask: torch.Tensor,
-    student_prompt_lengths: torch.Tensor,
-    teacher_prompts: torch.Tensor,
-    teacher_prompt_attention_mask: torch.Tensor,
-    completions: Sequence[Sequence[int]],
-    max_completion_length: int,
-    pad_token_id: int,
-    eos_mask: str = "pad_id",
-    prompt_padding: str = "right",
-) -> dict[str, torch.Tensor | None]:
-    """Student/teacher sequences, labels and the loss mask for one micro-batch (SPEC §4.3).
-
-    Reference (`eos_mask="pad_id"`, `prompt_padding="right"`): completions are right-padded with the pad id to exactly
-    T = `max_completion_length`; `student = [prompt | completion]`, `teacher = [teacher prompt | completion]`;
-    attention masks are `id != pad`; labels mask each row's prompt and every pad id; the loss mask is
-    `labels[:, P_S:] != -100`; position ids are not passed (transformers uses `arange`). Position t of
-    `logits_S[:, P_S-1:-1]` and of `logits_T[:, P_T-1:-1]` both predict completion token t.
-
-    `eos_mask="length"`: validity comes from the completion length (keeps a stop token equal to pad) and the prompt
-    attention from the collator. `prompt_padding="left"`: prompts are left-padded, so pass compact position ids.
-    """
-    device = student_prompts.device
-    completion_ids = pad_completions(completions, max_completion_length, pad_token_id).to(device)
-    student_input_ids = torch.cat([student_prompts, completion_ids], dim=1)
-    teacher_input_ids = torch.cat([teacher_prompts, completion_ids], dim=1)
-    p_s = student_prompts.size(1)
-    if eos_mask == "pad_id":
-        student_attention_mask = (student_input_ids != pad_token_id).long()
-        teacher_attention_mask = (teacher_input_ids != pad_token_id).long()
-        labels = build_labels(student_input_ids, student_prompt_lengths, pad_token_id)
-        if prompt_padding == "left":  # a left-padded prompt occupies the last length_i slots of [0, P_S)
-            labels[:, :p_s] = IGNORE_INDEX
-    elif eos_mask == "length":
-        lengths = torch.tensor([min(len(c), max_completion_length) for c in completions], device=device)
-        valid = (torch.arange(max_completion_length, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        student_attention_mask = torch.cat([student_prompt_attention_mask.long(), valid], dim=1)
-        teacher_attention_mask = torch.cat([teacher_prompt_attention_mask.long(), valid], dim=1)
-        labels = student_input_ids.clone()
-        labels[:, :p_s] = IGNORE_INDEX
-        labels[:, p_s:][valid == 0] = IGNORE_INDEX
-    else:
-        raise ValueError(f"eos_mask must be 'pad_id' or 'length', got {eos_mask!r}")
-    if prompt_padding == "left":
-        student_position_ids = compact_position_ids(student_attention_mask)
-        teacher_position_ids = compact_position_ids(teacher_attention_mask)
-    else:
-        student_position_ids = teacher_position_ids = None
-    return {
-        "student_input_ids": student_input_ids,
-        "student_attention_mask": student_attention_mask,
-        "student_position_ids": student_position_ids,
-        "teacher_input_ids": teacher_input_ids,
-        "teacher_attention_mask": teacher_attention_mask,
-        "teacher_position_ids": teacher_position_ids,
-        "completion_ids": completion_ids,
-        "labels": labels,
-        "loss_mask": labels[:, p_s:] != IGNORE_INDEX,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Teacher modes (SPEC §4.4)
-# ---------------------------------------------------------------------------------------------------------------
-def distillation_batch_from_collated(
-    collated: Mapping[str, Any],
-    completions: Sequence[Sequence[int]],
-    *,
-    max_completion_length: int,
-    pad_token_id: int,
-    eos_mask: str = "pad_id",
-    prompt_padding: str = "right",
-) -> dict[str, Any]:
-    """:func:`build_distillation_batch` of a collator output (:class:`SelfDistillationDataCollator`) and completions.
-
-    Maps the collator's keys to the arguments and carries its ``student_prompt_length``/``teacher_prompt_length``.
-    """
-    batch = build_distillation_batch(
-        student_prompts=collated["student_prompts"],
-        student_prompt_attention_mask=collated["student_prompt_attention_mask"],
-        student_prompt_lengths=collated["student_prompt_lengths_per_example"],
-        teacher_prompts=collated["teacher_prompts"],
-        teacher_prompt_attention_mask=collated["teacher_prompt_attention_mask"],
-        completions=completions,
-        max_completion_length=max_completion_length,
-        pad_token_id=pad_token_id,
-        eos_mask=eos_mask,
-        prompt_padding=prompt_padding,
-    )
-    batch["student_prompt_length"] = collated["student_prompt_length"]
-    batch["teacher_prompt_length"] = collated["teacher_prompt_length"]
-    return batch
-
-
-class EMATeacher:
-    """EMA of the trainable parameters: `ema <- d*ema + (1-d)*theta` after each optimizer step.
-
-    Initialised lazily from the weights after the first optimizer step, as the reference; until then the teacher is the
-    current student. `swapped_in()` copies the EMA into the parameters for the teacher pass and restores them after.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def update(self) -> None:
-        if self.shadow is None:
-            self.shadow = [p.detach().clone() for _, p in self.named_params]
-            return
-        for s, (_, p) in zip(self.shadow, self.named_params):
-            s.lerp_(p.detach().to(s.dtype), 1.0 - self.decay)
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        if self.shadow is None:
-            yield
-            return
-        backup = [p.detach().clone() for _, p in self.named_params]
-        with torch.no_grad():
-            for s, (_, p) in zip(self.shadow, self.named_params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, (_, p) in zip(backup, self.named_params):
-                    p.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        shadow = None if self.shadow is None else {n: s.cpu() for s, (n, _) in zip(self.shadow, self.named_params)}
-        return {"decay": self.decay, "shadow": shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("shadow") is None:
-            self.shadow = None
-            return
-        self.shadow = [state["shadow"][n].to(device=p.device, dtype=p.dtype) for n, p in self.named_params]
 
 
 class _OPSDCallback(TrainerCallback):
@@ -462,67 +66,38 @@ class _OPSDCallback(TrainerCallback):
         self.trainer._on_optimizer_step_end()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# vLLM rollouts: TRL's engine, plus the reference's enforce_eager switch
-# ---------------------------------------------------------------------------------------------------------------
-def make_vllm_generation(trainer: OPSDTrainer):
-    """TRL's `VLLMGeneration` configured as the reference engine (SPEC §4.2).
+def _check_method(args: OPSDConfig) -> None:
+    """The trainer needs a loss: `--method` must name an entry of `METHODS`."""
+    if args.method is None or args.method not in METHODS:
+        got = "missing" if args.method is None else f"{args.method!r}"
+        raise ConfigError(f"--method is {got}: choose one of {', '.join(METHODS)}")
 
-    `max_num_seqs` = per-device batch × GA, `max_model_len` = `max_length`, `seed` = process_index // tp (set by TRL),
-    `enforce_eager` from env `VLLM_ENFORCE_EAGER`; `SamplingParams(n=1, temperature, top_p, top_k, min_p,
-    repetition_penalty, presence_penalty, max_tokens=max_completion_length)`. Weight sync (merge LoRA → `load_weights`
-    → unmerge → reset prefix cache) is `VLLMGeneration.sync_weights`.
-    """
-    import trl.generation.vllm_generation as vllm_generation
 
-    args: OPSDConfig = trainer.args
-    enforce_eager = os.environ.get("VLLM_ENFORCE_EAGER", "0").strip().lower() in ("1", "true", "yes")
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, with pad = EOS when it has no pad token (as the reference)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
-    class _VLLMGeneration(vllm_generation.VLLMGeneration):
-        def _init_vllm(self) -> None:
-            original = vllm_generation.LLM
-            vllm_generation.LLM = functools.partial(original, enforce_eager=enforce_eager)
-            try:
-                super()._init_vllm()
-            finally:
-                vllm_generation.LLM = original
 
-    return _VLLMGeneration(
-        model=trainer.model,
-        accelerator=trainer.accelerator,
-        processing_class=trainer.processing_class,
-        mode=args.vllm_mode,
-        server_base_url=args.vllm_server_base_url,
-        server_host=args.vllm_server_host,
-        server_port=args.vllm_server_port,
-        group_port=args.vllm_group_port,
-        server_timeout=args.vllm_server_timeout,
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_model_length=args.vllm_max_model_length or args.max_length,
-        max_num_seqs=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        enable_sleep_mode=args.vllm_enable_sleep_mode,
-        model_impl=args.vllm_model_impl,
-        trust_remote_code=args.trust_remote_code,
-        repetition_penalty=args.repetition_penalty,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        max_completion_length=args.max_completion_length,
-        logprobs=None,
-        generation_kwargs={"presence_penalty": args.presence_penalty},
+def _default_collator(tokenizer: PreTrainedTokenizerBase, args: OPSDConfig) -> SelfDistillationDataCollator:
+    """The prompt collator configured from the flags (prompt padding, teacher/student thinking mode)."""
+    return SelfDistillationDataCollator(
+        tokenizer,
+        max_length=args.max_length,
+        reason_first=args.reason_first,
+        padding_side=args.prompt_padding,
+        teacher_think=args.teacher_think,
+        student_enable_thinking=args.student_enable_thinking,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------------------------------
 class OPSDTrainer(SFTTrainer):
-    """TRL `SFTTrainer` subclass for on-policy self-distillation with a privileged teacher context (the `opsd` loss).
+    """TRL `SFTTrainer` subclass for on-policy self-distillation with a privileged teacher context.
 
-    The dataset holds raw `problem`/`solution` rows; `SelfDistillationDataCollator` renders the prompts; rollouts,
-    sequences and the teacher pass happen in `_prepare_inputs` / `compute_loss`.
+    The loss is `METHODS[args.method]` (`--method`: `opsd`, `pwopsd`, `eopd` or `reopold`). The dataset holds raw
+    `problem`/`solution` rows; `SelfDistillationDataCollator` renders the prompts; rollouts and the distillation batch
+    are built in `_prepare_inputs`, the teacher and student passes and the loss run in `compute_loss`.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "opsd", "pwopsd"]
@@ -538,24 +113,11 @@ class OPSDTrainer(SFTTrainer):
         data_collator=None,
         callbacks: list[TrainerCallback] | None = None,
     ) -> None:
-        if args.method is None or args.method not in METHODS:
-            got = "missing" if args.method is None else f"{args.method!r}"
-            raise ConfigError(f"--method is {got}: choose one of {', '.join(METHODS)}")
-        tokenizer = processing_class
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        _check_method(args)
+        tokenizer = _with_pad_token(processing_class)
         if data_collator is None:
-            data_collator = SelfDistillationDataCollator(
-                tokenizer,
-                max_length=args.max_length,
-                reason_first=args.reason_first,
-                padding_side=args.prompt_padding,
-                teacher_think=args.teacher_think,
-                student_enable_thinking=args.student_enable_thinking,
-            )
-        teacher_mode = args.teacher_mode
-        if teacher_mode == "fixed" and peft_config is None and not is_peft_model(model):
-            raise ConfigError("--fixed_teacher needs --use_peft (the teacher is the base with the adapter disabled)")
+            data_collator = _default_collator(tokenizer, args)
+        check_teacher_model(args.teacher_mode, model, peft_config)
         super().__init__(
             model=model,
             args=args,
@@ -565,13 +127,26 @@ class OPSDTrainer(SFTTrainer):
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        self._check_process_count()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._configure_model(unwrapped, tokenizer)
+        self._init_distillation(unwrapped, tokenizer)
+        self._log_setup(tokenizer)
+        self.rollouts = self._make_rollouts()
+
+    # --- construction steps, in the order __init__ runs them -------------------------------------------------------
+    def _check_process_count(self) -> None:
+        """Refuse a multi-process launch that accelerate did not join into one job (each process would train alone)."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes != launched:
             raise ConfigError(
                 f"{launched} processes were launched but accelerate joined {self.accelerator.num_processes}: on a "
                 "machine without GPUs pass --use_cpu so they form one (gloo) job"
             )
-        unwrapped = self.accelerator.unwrap_model(self.model)
+
+    def _configure_model(self, unwrapped: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Give the model the tokenizer's pad id and zero its dropout (`--disable_dropout`)."""
+        args = self.args
         unwrapped.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
         if args.disable_dropout:
@@ -579,17 +154,23 @@ class OPSDTrainer(SFTTrainer):
         if args.lmbda < 1.0:
             logger.warning("--lmbda %s is stored but unused: every step is on-policy (as the reference)", args.lmbda)
 
+    def _init_distillation(self, unwrapped: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Token ids, teacher, loss hyper-parameters and per-run buffers; registers the step callback."""
+        args = self.args
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_ids = self._eos_token_ids(unwrapped, tokenizer)
-        self.teacher_mode = teacher_mode
+        self.eos_token_ids = eos_token_ids(unwrapped, tokenizer)
+        self.teacher_mode = args.teacher_mode
         self.hparams = loss_hparams_from_args(args)
         self._forward_redirection = _ForwardRedirection()
         self._check_lm_head(unwrapped)
-        self.ema_teacher = EMATeacher(unwrapped, args.ema_decay) if teacher_mode == "ema" else None
+        self.ema_teacher = EMATeacher(unwrapped, args.ema_decay) if self.teacher_mode == "ema" else None
         self._resume_dir: str | None = None
         self._generation_buffer: list[dict[str, Any]] = []
         self.add_callback(_OPSDCallback(self))
 
+    def _log_setup(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Log whether pad == EOS (then the stop token is never trained), the method, teacher and loss path."""
+        args = self.args
         pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
         logger.info(
             "pad token %r (id %s), eos %r (id %s): pad == eos is %s%s",
@@ -605,44 +186,24 @@ class OPSDTrainer(SFTTrainer):
         logger.info(
             "method %s, teacher %s, loss path %s, prompts %s-padded",
             self.method,
-            teacher_mode,
+            self.teacher_mode,
             "dense" if args.dense_loss else f"chunked ({args.loss_chunk_size} positions)",
             args.prompt_padding,
         )
 
-        self.generation_config = GenerationConfig(
-            max_new_tokens=args.max_completion_length,
-            do_sample=True,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k if args.top_k > 0 else None,
-            min_p=args.min_p if args.min_p > 0 else None,
-            repetition_penalty=args.repetition_penalty,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_ids,
-            use_cache=True,
-        )
-        self.vllm_generation = None
-        self._last_vllm_sync_step = -1
-        if args.use_vllm:
-            self.vllm_generation = make_vllm_generation(self)
-        elif args.presence_penalty:
+    def _make_rollouts(self) -> VLLMRollouts | TransformersRollouts:
+        """The rollout engine: vLLM with `--use_vllm`, else transformers `generate`."""
+        if self.args.use_vllm:
+            return VLLMRollouts(self)
+        if self.args.presence_penalty:
             logger.warning("--presence_penalty applies to vLLM rollouts only; ignored by transformers generate")
+        return TransformersRollouts(self)
 
-    # --- properties ----------------------------------------------------------------------------------------------
+    # --- properties and checks -------------------------------------------------------------------------------------
     @property
     def method(self) -> str:
         """The `METHODS` key this trainer optimises (`--method`)."""
         return self.args.method
-
-    @staticmethod
-    def _eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """Every id that ends a completion: the tokenizer's EOS and the generation config's EOS ids."""
-        ids = model.generation_config.eos_token_id
-        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-            ids = [tokenizer.eos_token_id, *ids]
-        return ids
 
     def _check_lm_head(self, unwrapped: nn.Module) -> None:
         """The chunked path computes `hidden @ W.T` with the student's plain head weight for student and teacher: refuse
@@ -691,7 +252,7 @@ class OPSDTrainer(SFTTrainer):
             return None
         if self._step_completions is None:
             prompts = [prompt_token_lists(b["student_prompts"], b["student_prompt_attention_mask"]) for b in batches]
-            flat = self._generate([p for batch_prompts in prompts for p in batch_prompts])
+            flat = self.rollouts.generate([p for batch_prompts in prompts for p in batch_prompts])
             self._step_completions, start = {}, 0
             for batch, batch_prompts in zip(batches, prompts):
                 self._step_completions[id(batch)] = flat[start : start + len(batch_prompts)]
@@ -708,10 +269,10 @@ class OPSDTrainer(SFTTrainer):
     def _build_rollout_batch(
         self, inputs: dict[str, Any], completions: list[list[int]] | None = None
     ) -> dict[str, Any]:
-        """Sample one completion per prompt (unless given) and assemble the student/teacher sequences (SPEC §4.2–§4.3)."""
+        """Sample one completion per prompt (unless given) and build the student/teacher distillation batch."""
         prompts = prompt_token_lists(inputs["student_prompts"], inputs["student_prompt_attention_mask"])
         if completions is None:
-            completions = self._generate(prompts)
+            completions = self.rollouts.generate(prompts)
         batch = distillation_batch_from_collated(
             inputs,
             completions,
@@ -725,46 +286,6 @@ class OPSDTrainer(SFTTrainer):
         if every and (self.state.global_step + 1) % every == 0:  # only the steps that are dumped decode their text
             self._buffer_generations(prompts, completions)
         return batch
-
-    def _generate(self, prompts: list[list[int]]) -> list[list[int]]:
-        """One completion per prompt (token ids, ending with the stop token when one was sampled)."""
-        max_len = self.args.max_completion_length
-        if self.vllm_generation is not None:
-            self._maybe_sync_vllm()
-            _, completions, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
-            return [list(map(int, c))[:max_len] for c in completions]
-        return self._generate_transformers(prompts)
-
-    def _maybe_sync_vllm(self) -> None:
-        """Push the current (merged) weights to vLLM once per `vllm_sync_frequency` optimizer steps (SPEC §4.5)."""
-        step = self.state.global_step
-        if step != self._last_vllm_sync_step and (
-            self._last_vllm_sync_step < 0 or step - self._last_vllm_sync_step >= self.args.vllm_sync_frequency
-        ):
-            self.vllm_generation.sync_weights()
-            self._last_vllm_sync_step = step
-
-    @torch.no_grad()
-    def _generate_transformers(self, prompts: list[list[int]]) -> list[list[int]]:
-        """transformers `generate` on left-padded prompts, same temperature/top-p/top-k (the reference's fallback)."""
-        device = self.accelerator.device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p, device=device)
-            attention_mask[i, width - len(p) :] = 1
-        with unwrap_model_for_generation(
-            self.model_wrapped,
-            self.accelerator,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as unwrapped:
-            out = unwrapped.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
-            )
-        return [
-            truncate_at_eos(row, self.eos_token_ids, self.args.max_completion_length) for row in out[:, width:].tolist()
-        ]
 
     # --- loss ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -798,11 +319,7 @@ class OPSDTrainer(SFTTrainer):
 
     def _teacher_context(self, unwrapped: nn.Module):
         """Route the teacher pass: adapter disabled (fixed), EMA weights swapped in (ema), or as-is (dynamic)."""
-        if self.teacher_mode == "fixed":
-            return unwrapped.disable_adapter()
-        if self.teacher_mode == "ema":
-            return self.ema_teacher.swapped_in()
-        return nullcontext()
+        return teacher_context(self.teacher_mode, unwrapped, self.ema_teacher)
 
     def _distillation_loss(
         self,
@@ -928,10 +445,7 @@ class OPSDTrainer(SFTTrainer):
 
     def _on_train_begin(self) -> None:
         if self.ema_teacher is not None and self._resume_dir is not None:
-            path = Path(self._resume_dir) / EMA_FILE
-            if path.exists():
-                self.ema_teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                logger.info("EMA teacher restored from %s", path)
+            restore_ema_teacher(self.ema_teacher, self._resume_dir)
 
     def _on_optimizer_step_end(self) -> None:
         if self.ema_teacher is not None:
@@ -955,7 +469,7 @@ class OPSDTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
         if self.ema_teacher is not None and self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            torch.save(self.ema_teacher.state_dict(), folder / EMA_FILE)
+            save_ema_teacher(self.ema_teacher, folder)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` picks the last checkpoint of output_dir."""
