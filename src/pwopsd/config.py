@@ -21,7 +21,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GOLDConfig lives in tr
 
 from trl.experimental.gold import GOLDConfig
 
-from pwopsd.losses import METHODS, check_hparams, loss_hparams_from_args
+from pwopsd.losses import METHODS, check_hparams, loss_hparam_field, loss_hparams_from_args
 from pwopsd.prompts import TEACHER_THINK_MODES
 
 
@@ -176,10 +176,7 @@ class OPSDConfig(GOLDConfig):
         default=None,
         metadata={"help": "Distillation loss: " + "; ".join(f"{m.name} = {m.summary}" for m in METHODS.values()) + "."},
     )
-    use_tinker_loss: bool = field(
-        default=False,
-        metadata={"help": "opsd only: sampled-token policy-gradient reverse KL (see docs/methods.md#opsd)."},
-    )
+    use_tinker_loss: bool = loss_hparam_field("use_tinker_loss")
     fixed_teacher: bool = field(
         default=False, metadata={"help": "Teacher = base weights with the LoRA adapter disabled. Needs --use_peft."}
     )
@@ -199,33 +196,17 @@ class OPSDConfig(GOLDConfig):
         },
     )
     max_reasoning_length: int = field(default=4096, metadata={"help": "reason_first only (not implemented)."})
-    top_k_loss: int = field(default=0, metadata={"help": "0 = full vocabulary; k > 0 = teacher top-k (opsd/pwopsd)."})
-    jsd_token_clip: float = field(
-        default=0.05, metadata={"help": "Point-wise upper clip of the divergence terms (opsd/pwopsd); 0 = off."}
-    )
-    jsd_clip_mode: str = field(
-        default="pointwise",
-        metadata={
-            "help": "pointwise = reference (clip each (token, vocab) term, losses can be negative); token = clip the "
-            "per-token loss itself (opt-in fix, see docs/deviations.md#upstream-issues-addressed).",
-            "choices": ["pointwise", "token"],
-        },
-    )
-    opsd_bf16: bool = field(
-        default=False,
-        metadata={"help": "opsd only: element terms in bf16 as the reference (default: every loss in float32)."},
-    )
-    position_w_min: float = field(default=0.25, metadata={"help": "PW-OPSD schedule: minimum weight w_min."})
-    position_tau: float = field(
-        default=0.30, metadata={"help": "PW-OPSD schedule: centre tau, a fraction of the row's own length."}
-    )
-    position_s: float = field(default=0.10, metadata={"help": "PW-OPSD schedule: sigmoid width s."})
-    position_global_reduction: bool = field(
-        default=False, metadata={"help": "PW-OPSD ablation: global token mean instead of the per-sequence mean."}
-    )
-    reopold_lambda: float = field(default=0.1, metadata={"help": "REOPOLD floor lambda in (0, 1)."})
-    reopold_beta: float = field(default=0.2, metadata={"help": "REOPOLD phase-II entropy fraction beta in (0, 1]."})
-    reopold_t_switch: int = field(default=50, metadata={"help": "REOPOLD phase switch (optimizer step)."})
+    top_k_loss: int = loss_hparam_field("top_k_loss")
+    jsd_token_clip: float = loss_hparam_field("jsd_token_clip")
+    jsd_clip_mode: str = loss_hparam_field("jsd_clip_mode")
+    opsd_bf16: bool = loss_hparam_field("opsd_bf16")
+    position_w_min: float = loss_hparam_field("position_w_min")
+    position_tau: float = loss_hparam_field("position_tau")
+    position_s: float = loss_hparam_field("position_s")
+    position_global_reduction: bool = loss_hparam_field("position_global_reduction")
+    reopold_lambda: float = loss_hparam_field("reopold_lambda")
+    reopold_beta: float = loss_hparam_field("reopold_beta")
+    reopold_t_switch: int = loss_hparam_field("reopold_t_switch")
 
     # --- pwopsd additions (opt-in; defaults reproduce the reference) ---------------------------------------------
     dense_loss: bool = field(
@@ -291,13 +272,13 @@ class OPSDConfig(GOLDConfig):
     # TRL's SFT default, kept as the reference's; the launchers pass 20000.
     max_length: int | None = field(default=1024, metadata={"help": "Prompt truncation limit; launchers: 20000."})
     # TRL's GKD/GOLD default, kept as the reference's; the launchers pass the paper's 1.1.
-    temperature: float = field(default=0.9, metadata={"help": "Sampling AND loss temperature; launchers: 1.1."})
+    temperature: float = loss_hparam_field("temperature")
     top_p: float = field(default=0.95, metadata={"help": "Sampling top-p (never in the loss)."})
     top_k: int = field(default=0, metadata={"help": "Sampling top-k, 0 = off (never in the loss); launchers: 20."})
     # TRL's GKD/GOLD default, kept as the reference's (unused here: every step is on-policy); the launchers pass 1.
     lmbda: float = field(default=0.5, metadata={"help": "Stored but unused: every step is on-policy."})
     # TRL's GKD/GOLD default (the generalised JSD), kept as the reference's; the launchers pass the paper's 0.
-    beta: float = field(default=0.5, metadata={"help": "GKD beta (0 = forward KL); launchers: 0."})
+    beta: float = loss_hparam_field("beta")
     seq_kd: bool = field(default=False, metadata={"help": "Unused."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout, including LoRA's."})
     use_vllm: bool = field(default=False, metadata={"help": "Roll out with vLLM (GPU)."})

@@ -5,7 +5,7 @@
 
 Flags: every field of `OPSDConfig` (TRL's GOLDConfig plus the method flags, see docs/methods.md#flags-and-defaults),
 TRL's `ModelConfig` (model, LoRA) and the script arguments below. The dataset is `PWOPSD_TRAIN_DATASET` (default
-`siyanzhao/Openthoughts_math_30k_opsd`), or `--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet` file
+`siyanzhao/Openthoughts_math_30k_opsd`), or `--dataset_name`: a Hub id, or a local `.jsonl`/`.json`/`.parquet`/`.csv` file
 or a folder of them (files whose name contains `train` if there are any, e.g. a Hub snapshot's
 `data/train-*.parquet`); only `problem` and `solution` are read. User errors (bad flags, unreadable data, missing
 model) print one line and exit with status 2.
@@ -20,11 +20,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pwopsd.io import UserError, first_line, run_main
+from pwopsd.io import DATASET_BUILDERS, UserError, first_line, run_main
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 REQUIRED_COLUMNS = ("problem", "solution")
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 logger = logging.getLogger("ea_opsd_train")
 
@@ -67,18 +66,18 @@ def load_train_dataset(spec: str):
     from datasets import load_dataset
 
     path = Path(spec).expanduser()
-    looks_local = path.exists() or path.suffix in DATA_SUFFIXES or spec.startswith(("/", ".", "~"))
+    looks_local = path.exists() or path.suffix in DATASET_BUILDERS or spec.startswith(("/", ".", "~"))
     try:
         if looks_local:
             if not path.exists():
                 raise UserError(f"cannot read dataset '{spec}' (PWOPSD_TRAIN_DATASET): no such file or folder")
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATASET_BUILDERS)
             if len(files) > 1 and any("train" in p.name for p in files):  # a Hub snapshot: keep the train split
                 files = [p for p in files if "train" in p.name]
-            kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
+            kinds = {DATASET_BUILDERS.get(p.suffix) for p in files}
             if not files or None in kinds or len(kinds) != 1:
                 raise UserError(
-                    f"cannot read dataset '{spec}': expected a .jsonl/.json/.parquet file or a folder of one kind "
+                    f"cannot read dataset '{spec}': expected a .jsonl/.json/.parquet/.csv file or a folder of one kind "
                     f"of them, found {', '.join(sorted(p.name for p in files)[:5]) or 'no data files'}"
                 )
             dataset = load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")

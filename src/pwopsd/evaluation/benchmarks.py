@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pwopsd.evaluation.extract import extract_boxed_answer
-from pwopsd.io import DATA_DIR, REPO_ROOT, UserError, first_line
+from pwopsd.io import DATA_DIR, DATASET_BUILDERS, REPO_ROOT, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-# file suffix -> `datasets` builder of a local problem file
-DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
