@@ -18,13 +18,8 @@ from pwopsd.batch import (
     distillation_batch_from_collated,
     prompt_token_lists,
 )
-from pwopsd.collator import (
-    SelfDistillationDataCollator,
-    patch_unclosed_think,
-    student_message,
-    teacher_message,
-    teacher_prompt_text,
-)
+from pwopsd.collator import SelfDistillationDataCollator
+from pwopsd.prompts import patch_unclosed_think, student_message, teacher_message, teacher_prompt_text
 
 PROBLEM = "Let x be a real number. Find x."
 SOLUTION = "We compute x = 42.\nThe answer is \\boxed{42}."

@@ -24,36 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-# The prompt texts live in pwopsd.prompts (shared with evaluation); re-exported here for existing importers.
-from pwopsd.prompts import (
-    INSTRUCTION,
-    TEACHER_INTRO,
-    TEACHER_THINK_MODES,
-    TEACHER_TRANSITION,
-    THINK_PATCH,
-    patch_unclosed_think,
-    render_user_prompt,
-    student_message,
-    student_prompt_text,
-    teacher_message,
-    teacher_prompt_text,
-)
-
-__all__ = [
-    "INSTRUCTION",
-    "TEACHER_INTRO",
-    "TEACHER_THINK_MODES",
-    "TEACHER_TRANSITION",
-    "THINK_PATCH",
-    "SelfDistillationDataCollator",
-    "patch_unclosed_think",
-    "render_user_prompt",
-    "student_message",
-    "student_prompt_text",
-    "teacher_message",
-    "teacher_prompt_text",
-    "tokenize_prompts",
-]
+from pwopsd.prompts import TEACHER_THINK_MODES, student_prompt_text, teacher_prompt_text
 
 
 def tokenize_prompts(
