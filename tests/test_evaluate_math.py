@@ -17,7 +17,7 @@ import torch
 from conftest import DATA_DIR, REPO_ROOT, read_data
 
 from pwopsd.evaluation import benchmarks, evaluate, generate
-from pwopsd.evaluation.benchmarks import load_benchmark
+from pwopsd.evaluation.benchmarks import BENCHMARKS, load_benchmark
 from pwopsd.evaluation.evaluate import EvalArguments, main
 from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_boxed_answer
 from pwopsd.evaluation.generate import PresencePenaltyLogitsProcessor, sampling_processors
@@ -96,6 +96,14 @@ def test_bundled_benchmarks_offline(name: str, count: int, ids: list[int], monke
     rows = read_data(f"{name}.jsonl")
     assert [p.problem for p in problems] == [r["problem"] for r in rows]
     assert [p.ground_truth for p in problems] == [str(r["answer"]) for r in rows]
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_registered_benchmark_loads_offline_with_its_count(name: str, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    problems, source = load_benchmark(name)
+    assert source == f"data/{BENCHMARKS[name].bundled}" and len(problems) == BENCHMARKS[name].num_problems
+    assert len({p.problem_id for p in problems}) == len(problems) and all(p.problem and p.ground_truth for p in problems)
 
 
 def test_hmmt25_reads_the_parquet_path(monkeypatch, tmp_path) -> None:
