@@ -1,6 +1,8 @@
 """Tables and charts of the evaluation results.
 
-    python eval/summarize.py [--results_dir eval_results] [--out_dir eval_results_summary]
+    python eval/summarize.py [--results_dir eval_results] [--out_dir eval_results_summary] [--baseline opsd]
+        [--bootstrap 10000] [--permutations 10000] [--stats_seed 0] [--protocol_checkpoint 100]
+        [--select_on DATASET] [--training OUTPUT_DIR [OUTPUT_DIR ...]]
 
 The reference's entry point, kept under its name and command line. The code lives in `pwopsd.evaluation.summarize`
 (installed by `pip install -e .`; the same command is `pwopsd-summarize`).
