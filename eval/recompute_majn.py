@@ -2,7 +2,10 @@
 
     python eval/recompute_majn.py ['eval_results/*.json'] [--apply]
 
-The reference's entry point, kept under its name and command line. The code lives in `pwopsd.evaluation.recompute` (installed by
+The reference's entry point, kept under its name and command line. Every file is checked before any is graded or
+written; a bad file gets one line `recompute_majn.py: error: FILE: what is wrong`, the others are still recomputed (and
+written with --apply, atomically), and the exit status is then 1. Empty boxes vote as the reference stored them
+(`[No boxed answer found]`, one cluster per problem), in old files (saved as `""`) and new ones alike. The code lives in `pwopsd.evaluation.recompute` (installed by
 `pip install -e .`; the same command is `pwopsd-recompute-majn`).
 """
 

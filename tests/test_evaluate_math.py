@@ -3,8 +3,11 @@ exact vLLM arguments (recording stand-in: vLLM cannot run here), every JSON key,
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +32,7 @@ TOP_KEYS = [  # docs/evaluation.md#output-json, in order
     "max_new_tokens", "val_n", "seed", "num_problems", "total_solutions", "pass_at_n", "pass_at_n_pct", "average_at_n",
     "average_at_n_pct", "majority_vote_at_n", "majority_vote_at_n_pct", "formatted_count", "format_rate",
 ]  # fmt: skip
-EXTRA_KEYS = ["pass_at_k", "backend", "grader", "math_verify_version", "grading_timeouts"]
+EXTRA_KEYS = ["pass_at_k", "backend", "sample_seed_rule", "grader", "math_verify_version", "grading_timeouts"]
 RESULT_KEYS = [
     "problem_id", "problem", "ground_truth", "val_n", "generations", "num_correct", "pass_at_n",
     "majority_vote_correct", "predicted_answer", "full_generation", "correct", "formatted",
@@ -59,7 +62,7 @@ def _check_schema(result: dict, n: int, problems: int) -> None:
             assert list(sample) == SAMPLE_KEYS
             boxed = extract_boxed_answer(sample["full_generation"])
             assert sample["formatted"] == (boxed is not None)
-            assert sample["predicted_answer"] == (NO_BOXED_ANSWER if boxed is None else boxed)
+            assert sample["predicted_answer"] == (boxed if boxed else NO_BOXED_ANSWER)  # empty box: the marker too
         assert {k: entry[k] for k in SAMPLE_KEYS} == entry["generations"][0]
         assert entry["num_correct"] == sum(s["correct"] for s in entry["generations"])
         assert entry["pass_at_n"] == (entry["num_correct"] > 0)
@@ -203,13 +206,29 @@ def test_defaults_follow_spec() -> None:
     ("flags", "message"),
     [(["--val_n", "0"], "--val_n must be >= 1"), (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
      (["--top_k", "-2"], "--top_k must be -1"), (["--dataset", "minerva"], "no pinned source"),
-     (["--grading_workers", "0"], "--grading_workers must be >= 1")],
+     (["--grading_workers", "0"], "--grading_workers must be >= 1"),
+     (["--bogus", "1"], "unrecognized arguments: --bogus 1"), (["--val_n", "abc"], "invalid int value: 'abc'"),
+     (["--temperature", "2.5"], "--temperature must be in [0, 2]"),
+     (["--presence_penalty", "-2.5"], "--presence_penalty must be in [-2, 2]"),
+     (["--sample_seeds", "independent"], "--sample_seeds independent needs --seed"),
+     (["--sample_seeds", "hashed"], "invalid choice: 'hashed'"),
+     (["--data_file", "EMPTY"], "is empty; pass a file with one problem per row")],
 )  # fmt: skip
 def test_user_errors_are_one_line(flags: list[str], message: str, capsys, tmp_path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n")
+    flags = [str(tmp_path / "empty.jsonl") if f == "EMPTY" else f for f in flags]
     argv = ["--base_model", str(tmp_path), "--dataset", "math500", "--output_file", str(tmp_path / "o.json"), *flags]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("evaluate_math.py: error:") and message in err[0]
+    _assert_user_error(main(argv), capsys, message)
+
+
+def _assert_user_error(status: int, capsys, message: str) -> str:
+    """Exit 2, exactly one stderr line `evaluate_math.py: error: ...` holding `message`, no traceback."""
+    err = capsys.readouterr().err
+    progress = re.compile(r"\|.*\| *\d+/\d+ \[")  # tqdm bars (loading weights, generating, grading)
+    lines = [line for line in err.splitlines() if line.strip() and not progress.search(line)]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("evaluate_math.py: error:") and message in lines[0], err
+    return lines[0]
 
 
 def test_missing_model_is_a_one_line_error(capsys, tmp_path) -> None:
@@ -273,9 +292,48 @@ def test_greedy_decoding_applies_the_presence_penalty(tiny_model_dir) -> None:
     assert texts[0.0] != texts[1.5]
 
 
-def test_problem_seeds_differ_across_seeds_and_problems() -> None:
-    seeds = {generate.problem_seed(s, i) for s in range(3) for i in range(500)}
-    assert len(seeds) == 1500
+def test_sample_seed_arithmetic_matches_a_naive_listing() -> None:
+    """engine: vLLM seeds child j of `SamplingParams(n=12, seed=S)` with S + j, for every problem; independent: a
+    BLAKE2b hash per (seed, problem, sample). The transformers backend seeds its generators with the same integers."""
+    n, problems = 12, range(5)
+
+    def naive(rule: str, seed: int, problem: int) -> list[int]:
+        if rule == "engine":
+            return [seed + j for j in range(n)]
+        return [
+            int.from_bytes(hashlib.blake2b(f"pwopsd-eval-sample:{seed}:{problem}:{j}".encode(), digest_size=8).digest(),
+                           "little") & (2**63 - 1)
+            for j in range(n)
+        ]  # fmt: skip
+
+    for rule, overlap in (("engine", 11), ("independent", 0)):
+        listing = {(s, p): naive(rule, s, p) for s in range(3) for p in problems}
+        for (s, p), seeds in listing.items():
+            assert [generate.sample_seed(s, p, j, rule) for j in range(n)] == seeds
+            assert [g.initial_seed() for g in generate.row_generators(s, p, n, rule)] == seeds
+        for s in (0, 1):  # consecutive evaluation seeds, same problem
+            assert len(set(listing[s, 0]) & set(listing[s + 1, 0])) == overlap
+        all_seeds = [x for seeds in listing.values() for x in seeds]
+        if rule == "independent":
+            assert len(set(all_seeds)) == 3 * len(problems) * n  # no stream shared anywhere
+        else:
+            assert sorted(set(all_seeds)) == list(range(0, 2 + n))  # 14 streams for 3 seeds x 5 problems x 12
+    with pytest.raises(ValueError, match="unknown sample seed rule"):
+        generate.sample_seed(0, 0, 0, "other")
+
+
+def test_row_sampler_follows_the_logits_device() -> None:
+    """CPU generators, draws moved to the logits' device: on `meta` (no data) a mixed-device op would raise."""
+    from pwopsd.evaluation.generate import RowSampler
+
+    logits = torch.randn(3, 7, device="meta")
+    out = RowSampler([torch.Generator().manual_seed(i) for i in range(3)])(None, logits)
+    assert out.device.type == "meta" and out.shape == (3, 7)
+    ids = torch.zeros(3, 5, dtype=torch.long, device="meta")
+    args = EvalArguments(base_model="m", dataset="d", output_file="o", temperature=0.7, top_p=0.9, top_k=3,
+                         min_p=0.05, presence_penalty=0.5)  # fmt: skip
+    for processor in sampling_processors(args, prompt_length=2):
+        assert processor(ids, logits).device.type == "meta", type(processor).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -366,8 +424,9 @@ def test_partial_file_checks(tiny_model_dir, tmp_path, capsys) -> None:
     assert main(argv) == 0
     first = json.loads(out.read_text())["results"][0]
     assert first["generations"][0]["full_generation"] == "so \\boxed{204}" and first["num_correct"] == 1
-    # other settings: refused, with the fix named
-    partial.write_text(header.replace('"val_n": 1', '"val_n": 3') + "\n")
+    # other settings: refused, with the fix named, when the file holds a problem
+    record = json.dumps({"index": 0, "problem_id": 60, "generations": ["a", "b", "c"]})
+    partial.write_text(header.replace('"val_n": 1', '"val_n": 3') + "\n" + record + "\n")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "val_n: 3 -> 1" in err and "pass --no_resume" in err
@@ -419,7 +478,8 @@ def _fake_vllm(recorder: _Recorder, texts_for) -> types.ModuleType:
         def enqueue(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
             recorder.enqueued.append((list(prompts), sampling_params, lora_request, use_tqdm))
             for i in range(len(prompts)):
-                samples = [types.SimpleNamespace(index=j, text=t) for j, t in enumerate(texts_for(i, sampling_params.n))]
+                params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+                samples = [types.SimpleNamespace(index=j, text=t) for j, t in enumerate(texts_for(i, params))]
                 self.llm_engine.pending.append(  # outputs carry the external id (vLLM 0.31)
                     types.SimpleNamespace(request_id=str(100 + i), finished=True, outputs=samples[::-1])
                 )
@@ -441,7 +501,8 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
     model = tiny_model_dir("qwen3")
     golds = [r["answer"] for r in read_data("aime24.jsonl")[:3]]
 
-    def texts_for(i: int, n: int) -> list[str]:
+    def texts_for(i: int, params) -> list[str]:
+        n = params.n
         # problem 0: 3 right of 4; problem 1: 1 right + 3 without a box (INVALID wins); problem 2: 2-2 tie, wrong first
         return [
             [f"\\boxed{{{golds[0]}}}", f"\\boxed{{{int(golds[0])}}}", "\\boxed{1}", f"so {golds[0]} \\boxed{{{golds[0]}}}"],
@@ -479,7 +540,7 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
     result = json.loads(out.read_text())
     _check_schema(result, n=4, problems=3)
     first, second, third = result["results"]
-    assert [s["full_generation"] for s in first["generations"]] == texts_for(0, 4)  # generation order kept
+    assert [s["full_generation"] for s in first["generations"]] == texts_for(0, types.SimpleNamespace(n=4))
     assert [s["correct"] for s in first["generations"]] == [True, True, False, True] and first["majority_vote_correct"]
     assert [s["formatted"] for s in second["generations"]] == [True, False, False, False]
     assert second["num_correct"] == 1 and not second["majority_vote_correct"]  # INVALID wins
@@ -489,11 +550,154 @@ def test_vllm_backend_arguments_prompts_and_grading(tiny_model_dir, tmp_path, mo
 
     # unseeded: no seed in SamplingParams; a LoRA adapter: enable_lora + max_lora_rank 64 + one LoRARequest
     adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 64, "peft_type": "LORA"}))
     assert main([*argv[: argv.index("--seed")], "--backend", "vllm", "--checkpoint_dir", str(adapter),
                  "--output_file", str(tmp_path / "v2.json")]) == 0  # fmt: skip
     assert "seed" not in recorder.sampling_kwargs[-1]
     assert recorder.llm_kwargs[-1]["enable_lora"] is True and recorder.llm_kwargs[-1]["max_lora_rank"] == 64
     assert recorder.lora == [("adapter", 1, str(adapter))]
+
+
+def test_vllm_independent_seeds_and_empty_boxes(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """--sample_seeds independent: one n=1 request per sample with its hashed seed, texts regrouped in sample order.
+    Empty boxes are stored as the marker and form one Maj@N cluster, which wins a 2-2 tie when it comes first."""
+    model = tiny_model_dir("qwen3")
+    gold = read_data("aime24.jsonl")[0]["answer"]
+    texts = ["\\boxed{}", "\\boxed{ }", f"\\boxed{{{gold}}}", f"\\boxed{{{gold}}}"]  # problem 0, samples 0..3
+
+    def texts_for(i: int, params) -> list[str]:  # request i = problem i // 4, sample i % 4
+        assert params.n == 1
+        return [texts[i % 4]]
+
+    recorder = _Recorder()
+    vllm, lora, request = _fake_vllm(recorder, texts_for)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    out = tmp_path / "v.json"
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "4", "--seed", "1",
+            "--backend", "vllm", "--sample_seeds", "independent", "--output_file", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    ((prompts, _, _, _),) = recorder.enqueued
+    assert len(prompts) == 8 and prompts[0] == prompts[3] != prompts[4]
+    assert [(k["n"], k["seed"]) for k in recorder.sampling_kwargs] == [
+        (1, generate.sample_seed(1, p, j, "independent")) for p in range(2) for j in range(4)
+    ]
+    result = json.loads(out.read_text())
+    _check_schema(result, n=4, problems=2)
+    assert result["sample_seed_rule"] == "independent"
+    for entry in result["results"]:
+        assert [g["full_generation"] for g in entry["generations"]] == texts  # sample order restored
+        assert [g["predicted_answer"] for g in entry["generations"]][:2] == [NO_BOXED_ANSWER] * 2
+        assert [g["formatted"] for g in entry["generations"]] == [True] * 4
+    first = result["results"][0]
+    assert first["num_correct"] == 2 and first["majority_vote_correct"] is False  # marker cluster first: wins the tie
+
+
+def test_failed_starts_leave_no_partial_and_the_corrected_command_runs(tiny_model_dir, tmp_path, capsys) -> None:
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "o.json"
+    partial = Path(str(out) + ".partial.jsonl")
+    argv = ["--dataset", "aime24", "--num_samples", "1", "--val_n", "1", "--max_new_tokens", "2", "--backend", "hf",
+            "--seed", "0", "--output_file", str(out)]  # fmt: skip
+    _assert_user_error(main(["--base_model", str(tmp_path / "nope"), *argv]), capsys, "cannot load the tokenizer")
+    assert not partial.exists()
+    not_adapter = tmp_path / "not_adapter"
+    not_adapter.mkdir()
+    for folder, message in ((not_adapter, "has no adapter_config.json"), (tmp_path / "missing", "is not a folder")):
+        status = main(["--base_model", str(model), "--checkpoint_dir", str(folder), *argv])
+        _assert_user_error(status, capsys, message)
+        assert not partial.exists()
+    big = tmp_path / "rank128"
+    big.mkdir()
+    (big / "adapter_config.json").write_text(json.dumps({"r": 128, "peft_type": "LORA"}))
+    (not_adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    status = main(["--base_model", str(model), "--checkpoint_dir", str(not_adapter), *argv])
+    _assert_user_error(status, capsys, "has no 'peft_type', so it is not a PEFT adapter configuration")
+    _assert_user_error(main(["--base_model", str(model), "--checkpoint_dir", str(big), *argv]), capsys, "rank 128 > 64")
+    # an adapter folder PEFT cannot load (no weights): one line, no partial
+    (not_adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    status = main(["--base_model", str(model), "--checkpoint_dir", str(not_adapter), *argv])
+    _assert_user_error(status, capsys, "cannot load the LoRA adapter")
+    assert not partial.exists()
+    # a header-only partial left by an older failed start, with other settings: replaced silently
+    settings = evaluate.run_settings(evaluate.parse_args(["--base_model", str(tmp_path / "nope"), *argv]), "hf")
+    partial.write_text(json.dumps({"pwopsd_partial": 1, "settings": settings}) + "\n")
+    assert main(["--base_model", str(model), *argv]) == 0 and out.exists() and not partial.exists()
+
+
+def test_output_path_errors_come_before_loading_anything(tmp_path, capsys) -> None:
+    argv = ["--base_model", str(tmp_path / "no_model"), "--dataset", "aime24", "--backend", "hf"]  # model never read
+    folder = tmp_path / "a_folder.json"
+    folder.mkdir()
+    _assert_user_error(main([*argv, "--output_file", str(folder)]), capsys, "is a directory; pass a file name")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        target = Path("/sys") if os.geteuid() == 0 else readonly  # root writes anywhere but in sysfs
+        line = _assert_user_error(main([*argv, "--output_file", str(target / "o.json")]), capsys, "cannot write in")
+        assert "pass a path in a writable folder" in line
+    finally:
+        readonly.chmod(0o755)
+    file_parent = tmp_path / "plain_file"
+    file_parent.write_text("x")
+    _assert_user_error(main([*argv, "--output_file", str(file_parent / "o.json")]), capsys, "is a file, not a folder")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"problem_id": 60, "generations": ["a"]}', "has no valid 'index'"),
+     ('[0, 60, ["a"]]', "is a JSON list, not a problem record"),
+     ('{"index": 0, "problem_id": 60, "generations": []}', "holds 0 generation(s) for problem index 0, but --val_n is 2"),
+     ('{"index": 0, "problem_id": 60, "generations": ["a"]}', "holds 1 generation(s)"),
+     ('{"index": 0, "problem_id": 60}', "has no 'generations' list"),
+     ('{"index": 0, "problem_id": 60, "generations": ["a", 5]}', "has no 'generations' list of texts"),
+     ('{"index": 0, "generations": ["a", "b"]}', "has no 'problem_id'")],
+)  # fmt: skip
+def test_malformed_partial_lines_are_refused_with_their_line(line: str, message: str, tmp_path, capsys) -> None:
+    out = tmp_path / "o.json"
+    argv = ["--base_model", str(tmp_path / "m"), "--dataset", "aime24", "--val_n", "2", "--backend", "hf",
+            "--output_file", str(out)]  # fmt: skip
+    header = json.dumps({"pwopsd_partial": 1, "settings": evaluate.run_settings(evaluate.parse_args(argv), "hf")})
+    good = json.dumps({"index": 1, "problem_id": 61, "generations": ["x", "y"]})
+    Path(str(out) + ".partial.jsonl").write_text(f"{header}\n{good}\n{line}\n")
+    err = _assert_user_error(main(argv), capsys, message)
+    assert ".partial.jsonl line 3 " in err and "pass --no_resume" in err
+
+
+def test_full_disk_is_one_line_and_the_partial_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
+    model = tiny_model_dir("qwen3")
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "3", "--val_n", "1",
+            "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--hf_batch_size", "1"]  # fmt: skip
+    out = tmp_path / "o.json"
+    partial = Path(str(out) + ".partial.jsonl")
+    fresh = tmp_path / "fresh.json"
+    assert main([*argv, "--output_file", str(fresh)]) == 0
+    capsys.readouterr()
+    real_fsync, calls = os.fsync, []
+
+    def full_after_two(fd: int) -> None:  # header and problem 0 reach the disk, then the disk is full
+        calls.append(fd)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(evaluate.os, "fsync", full_after_two)
+    line = _assert_user_error(main([*argv, "--output_file", str(out)]), capsys, "No space left on device")
+    assert "re-run the same command to resume" in line and partial.exists() and not out.exists()
+    monkeypatch.setattr(evaluate.os, "fsync", real_fsync)
+
+    def no_space(path, obj) -> None:  # the final result cannot be written: the partial log stays
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(evaluate, "atomic_write_json", no_space)
+    line = _assert_user_error(main([*argv, "--output_file", str(out)]), capsys, "No space left on device")
+    assert "generations are kept in" in line and partial.read_bytes().count(b"\n") == 4  # header + 3 problems
+    monkeypatch.undo()
+    assert main([*argv, "--output_file", str(out)]) == 0 and not partial.exists()
+    assert json.loads(out.read_text())["results"] == json.loads(fresh.read_text())["results"]
 
 
 def test_backend_auto_without_vllm_is_hf(monkeypatch) -> None:

@@ -22,10 +22,10 @@ from conftest import DATA_DIR, REPO_ROOT, read_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_boxed_answer, stored_answer
 from pwopsd.evaluation.grade import grade_answer
 from pwopsd.evaluation.metrics import aggregate_metrics, pass_at_k, pass_at_k_table, pass_at_k_values
-from pwopsd.evaluation.vote import MajorityVote, grade_problem, majority_vote
+from pwopsd.evaluation.vote import MajorityVote, cluster_inputs, grade_problem, majority_vote
 from pwopsd.evaluation.workers import MathGrader
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,6 +266,55 @@ def test_majority_vote_with_the_real_grader() -> None:
     # asymmetry: "(0,12.5)" then "0<x<12.5" join in one direction only -> clustering checks both
     preds = ["(0,12.5)", "0<x<12.5"]
     assert majority_vote(preds, [True, True], "(0,12.5)", grade_answer).clusters == ((0, 1),)
+
+
+def naive_reference_problem(texts: list[str], gold: str, grade) -> tuple[list[bool], bool]:
+    """The reference's per-problem pipeline written out: extract; store the extraction, or the marker when it is None
+    or empty; formatted = a box was found; a sample is graded with its extraction ("" for an empty box); Maj@N
+    clusters the stored strings."""
+    marker = "[No boxed answer found]"
+    extracted = [naive_extract(t) for t in texts]
+    stored = [e if e else marker for e in extracted]
+    formatted = [e is not None for e in extracted]
+    correct = [e is not None and grade(e, gold) for e in extracted]
+    return correct, naive_majority(stored, formatted, gold, grade)
+
+
+def test_empty_boxes_form_one_cluster_as_in_the_reference() -> None:
+    # the marker is equivalent to itself under both graders, "" is not: empty boxes only cluster as stored strings
+    assert grade_answer(NO_BOXED_ANSWER, NO_BOXED_ANSWER) and grade_answer(NO_BOXED_ANSWER, NO_BOXED_ANSWER, "strict")
+    assert not grade_answer("", "")
+    empty, right = "no idea \\boxed{ }", "so \\boxed{42}"
+    cases = [([empty] * 6 + [right] * 6, False), ([right] * 6 + [empty] * 6, True), ([empty, right] * 6, False)]
+    for texts, maj in cases:
+        preds = [extract_boxed_answer(t) for t in texts]
+        formatted = [p is not None for p in preds]
+        assert all(formatted) and [stored_answer(p) for p in preds].count(NO_BOXED_ANSWER) == 6
+        graded = grade_problem(preds, formatted, "42", grade_answer)
+        correct, naive_maj = naive_reference_problem(texts, "42", grade_answer)
+        assert list(graded.correct) == correct == [t == right for t in texts]  # an empty box is never correct
+        assert graded.majority.correct is maj is naive_maj
+        marker_first = texts[0] == empty
+        assert graded.majority.winner == 0 and graded.majority.invalid_cluster is None
+        members = [i for i, t in enumerate(texts) if t == empty]
+        assert graded.majority.clusters[0 if marker_first else 1] == tuple(members)  # ONE cluster of 6 empty boxes
+        # the rule before: each "" its own cluster, so the 6 right answers always won
+        assert naive_majority(preds, formatted, "42", grade_answer) is True
+    # an empty box is formatted (not INVALID): 5 empty + 6 without a box + 1 right -> INVALID (6) wins
+    texts = [empty] * 5 + ["no box"] * 6 + [right]
+    preds = [extract_boxed_answer(t) for t in texts]
+    vote = majority_vote(preds, [p is not None for p in preds], "42", grade_answer)
+    assert vote.clusters == ((0, 1, 2, 3, 4), tuple(range(5, 11)), (11,)) and vote.winner == vote.invalid_cluster == 1
+
+
+def test_cluster_inputs_are_the_stored_strings() -> None:
+    preds, formatted = ["5", "", None, NO_BOXED_ANSWER, "x"], [True, True, False, True, True]
+    stored, flags = cluster_inputs(preds, formatted)
+    assert stored == ["5", NO_BOXED_ANSWER, NO_BOXED_ANSWER, NO_BOXED_ANSWER, "x"] and flags == formatted
+    assert cluster_inputs(stored, flags) == (stored, flags)  # idempotent: reference files and old pwopsd files alike
+    assert [stored_answer(p) for p in ("7", "", None)] == ["7", NO_BOXED_ANSWER, NO_BOXED_ANSWER]
+    with pytest.raises(ValueError, match="2 predictions but 1 formatted"):
+        cluster_inputs(["1", "2"], [True])
 
 
 def test_majority_vote_greedy_is_not_transitive() -> None:

@@ -104,6 +104,10 @@ def load_local_rows(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"--data_file {path}: unsupported type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
     if not path.is_file():
         raise UserError(f"--data_file {path} does not exist")
+    size = path.stat().st_size
+    if size == 0 or (path.suffix != ".parquet" and size < 65536 and not path.read_bytes().strip()):
+        # caught here: `datasets` reports an empty file as a bare StopIteration
+        raise UserError(f"--data_file {path} is empty; pass a file with one problem per row")
     datasets.disable_progress_bars()
     try:
         return list(datasets.load_dataset(DATASET_BUILDERS[path.suffix], data_files=str(path), split="train"))

@@ -6,7 +6,8 @@
 The evaluator generates N samples per problem, extracts the last `\\boxed{}`, grades it with math-verify and reports
 Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are the reference's
 (docs/evaluation.md#command-line, docs/evaluation.md#output-json), plus `--backend {auto,vllm,hf}`, `--data_file`,
-`--trust_remote_code`, `--grader {reference,strict}`, `--no_resume`, `--grading_timeout`, `--grading_workers`.
+`--trust_remote_code`, `--grader {reference,strict}`, `--no_resume`, `--grading_timeout`, `--grading_workers`,
+`--sample_seeds {engine,independent}`.
 
 * Data (`benchmarks.py`): the reference's hub datasets; offline, or when the hub cannot be reached, the bundled copies
   in `data/` (same problems, ids and counts) with a one-line notice. `--data_file` reads a local
@@ -15,8 +16,11 @@ Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are 
   transformers (`--backend hf`: the same sampling chain, seeded per problem, the N samples of a problem in one batch).
 * Grading: `math_grader` (cached, parallel, hard time limit per comparison): the last brace-balanced box, math-verify
   equivalence, the clustered majority vote (docs/evaluation.md#extraction to docs/evaluation.md#metrics).
-* Resumable: every finished problem is appended to `<output_file>.partial.jsonl`; a re-run with the same settings
-  resumes from it (`--no_resume` starts over). The final JSON is written to a temporary file and renamed.
+* Resumable: every finished problem is appended to `<output_file>.partial.jsonl` (created with the first finished
+  problem, so a run that fails to start leaves nothing behind); a re-run with the same settings resumes from it
+  (`--no_resume` starts over). The final JSON is written to a temporary file and renamed.
+* Bad input is one line and exit status 2, found before the model loads where it can be: flags, the output path,
+  the adapter folder, the data file, the partial file's lines, a full disk (the partial file is kept).
 """
 
 from __future__ import annotations
@@ -24,20 +28,29 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pwopsd.evaluation.benchmarks import BENCHMARKS, Problem, load_benchmark
-from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_boxed_answer
-from pwopsd.evaluation.generate import HFBackend, VLLMBackend, build_prompt, resolve_backend, vllm_installed
+from pwopsd.evaluation.extract import extract_boxed_answer, stored_answer
+from pwopsd.evaluation.generate import (
+    SAMPLE_SEED_RULES,
+    HFBackend,
+    VLLMBackend,
+    build_prompt,
+    resolve_backend,
+    vllm_installed,
+)
 from pwopsd.evaluation.grade import GRADERS
 from pwopsd.evaluation.metrics import aggregate_metrics, pass_at_k_table
 from pwopsd.evaluation.vote import ProblemGrade
-from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MathGrader
+from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MathGrader
 from pwopsd.io import UserError, atomic_write_json, first_line, run_main
 
 logger = logging.getLogger(__name__)
@@ -82,6 +95,13 @@ class EvalArguments:
         default=64,
         metadata={"help": "transformers backend: sequences per generate call (whole problems of val_n samples each)."},
     )
+    sample_seeds: Literal["engine", "independent"] = field(
+        default="engine",
+        metadata={
+            "help": "engine: sample j of every problem is seeded --seed + j (vLLM's n>1 rule; seeds S and S+1 share "
+            "val_n - 1 streams). independent: a hashed seed per (seed, problem, sample); needs --seed."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.top_p is None:
@@ -90,19 +110,34 @@ class EvalArguments:
             self.max_model_len = 40960 if self.enable_thinking else 32768
         checks = [
             (self.val_n >= 1, f"--val_n must be >= 1, got {self.val_n}"),
-            (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
+            (0 <= self.temperature <= 2, f"--temperature must be in [0, 2], got {self.temperature}"),
+            (
+                math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                f"--presence_penalty must be in [-2, 2] (vLLM's range), got {self.presence_penalty}",
+            ),
             (0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k == -1 or self.top_k >= 0, f"--top_k must be -1 (off) or >= 0, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"--min_p must be in [0, 1], got {self.min_p}"),
             (self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.num_samples is None or self.num_samples >= 1, f"--num_samples must be >= 1, got {self.num_samples}"),
             (self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (self.grading_timeout > 0, f"--grading_timeout must be > 0, got {self.grading_timeout}"),
+            (
+                0 < self.grading_timeout <= MAX_TIMEOUT_S,  # False for nan too
+                f"--grading_timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, got {self.grading_timeout}",
+            ),
             (
                 self.grading_workers is None or self.grading_workers >= 1,
                 f"--grading_workers must be >= 1, got {self.grading_workers}",
             ),
             (self.hf_batch_size >= 1, f"--hf_batch_size must be >= 1, got {self.hf_batch_size}"),
+            (
+                self.sample_seeds in SAMPLE_SEED_RULES,
+                f"--sample_seeds must be one of {', '.join(SAMPLE_SEED_RULES)}, got {self.sample_seeds!r}",
+            ),
+            (
+                self.sample_seeds != "independent" or self.seed is not None,
+                "--sample_seeds independent needs --seed S (unseeded samples are already independent)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,10 +146,19 @@ class EvalArguments:
 
 
 def parse_args(argv: Sequence[str] | None) -> EvalArguments:
+    """Parse the command line; every argparse complaint (unknown flag, bad value, missing flag) is a UserError."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> NoReturn:  # argparse would print the usage too: two lines
+            raise UserError(f"{message} (see --help)")
+
+    parser = Parser(EvalArguments, description=__doc__.split("\n\n")[0])
+    args, unknown = parser.parse_args_into_dataclasses(
+        args=list(argv) if argv is not None else None, return_remaining_strings=True
+    )
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     return args
 
 
@@ -128,22 +172,23 @@ def run_settings(args: EvalArguments, backend: str) -> dict[str, Any]:
         "base_model", "checkpoint_dir", "dataset", "data_file", "val_n", "temperature", "top_p", "top_k", "min_p",
         "presence_penalty", "enable_thinking", "max_new_tokens", "max_model_len", "seed",
     )  # fmt: skip
-    return {"backend": backend, **{k: getattr(args, k) for k in keys}}
+    return {"backend": backend, **{k: getattr(args, k) for k in keys}, "sample_seed_rule": args.sample_seeds}
 
 
 class PartialLog:
-    """`<output>.partial.jsonl`: a header line with the run settings, then one line per finished problem."""
+    """`<output>.partial.jsonl`: a header line with the run settings, then one line per finished problem.
+
+    The file is created with the first finished problem, not before: a run that fails before it (a bad model, a bad
+    adapter) leaves no file that would make the corrected command refuse to start."""
 
     def __init__(self, path: Path, settings: dict[str, Any], resume: bool) -> None:
         self.path = path
+        self.settings = settings
         self.done: dict[int, dict[str, Any]] = {}
         if path.exists() and not resume:
             path.unlink()
         if path.exists():
             self._load(settings)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_line({"pwopsd_partial": PARTIAL_FORMAT, "settings": settings}, mode="w")
 
     def _load(self, settings: dict[str, Any]) -> None:
         with self.path.open("rb") as f:
@@ -160,24 +205,66 @@ class PartialLog:
         if good_end != len(data):  # a write cut short by a kill: drop it
             with self.path.open("r+b") as f:
                 f.truncate(good_end)
-        if not records or records[0].get("pwopsd_partial") != PARTIAL_FORMAT:
+        header = records[0] if records else None
+        if (
+            not isinstance(header, dict)
+            or header.get("pwopsd_partial") != PARTIAL_FORMAT
+            or not isinstance(header.get("settings"), dict)
+        ):
             raise UserError(f"{self.path} is not a partial result file; delete it or pass --no_resume")
-        saved = records[0]["settings"]
+        saved = dict(header["settings"])
+        if saved.get("backend") == "vllm":  # written before the rule was recorded: vLLM always used the engine rule
+            saved.setdefault("sample_seed_rule", "engine")
         changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+        if changed and len(records) == 1:  # no problem in it (a run that failed to start): nothing to lose
+            logger.info("replacing %s: it holds no problem and was written with other settings", self.path)
+            self.path.unlink()
+            return
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise UserError(f"{self.path} was written with other settings ({diff}); pass --no_resume to start over")
-        for record in records[1:]:
+        for number, record in enumerate(records[1:], start=2):
+            self._check_record(record, number, settings["val_n"])
             self.done[record["index"]] = record
         logger.info("resuming: %d problem(s) already generated in %s", len(self.done), self.path)
 
+    def _check_record(self, record: Any, number: int, val_n: int) -> None:
+        """A problem line must be `{index, problem_id, generations: [val_n texts]}`; anything else is refused with its
+        line number (it was edited or written by another tool: regenerating silently would hide that)."""
+        where = f"{self.path} line {number}"
+        fix = "delete the line (that problem is generated again) or pass --no_resume"
+        if not isinstance(record, dict):
+            raise UserError(f"{where} is a JSON {type(record).__name__}, not a problem record; {fix}")
+        index = record.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise UserError(f"{where} has no valid 'index' (got {index!r}); {fix}")
+        if "problem_id" not in record:
+            raise UserError(f"{where} has no 'problem_id'; {fix}")
+        generations = record.get("generations")
+        if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
+            raise UserError(f"{where} has no 'generations' list of texts; {fix}")
+        if len(generations) != val_n:
+            raise UserError(
+                f"{where} holds {len(generations)} generation(s) for problem index {index}, but --val_n is {val_n}; "
+                f"{fix}"
+            )
+
     def _write_line(self, obj: dict[str, Any], mode: str = "a") -> None:
-        with self.path.open(mode, encoding="utf-8") as f:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open(mode, encoding="utf-8") as f:
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk, a quota: what is already in the file stays (a cut line is dropped later)
+            raise UserError(
+                f"cannot write {self.path}: {e.strerror or first_line(e)}; the {len(self.done)} problem(s) already in "
+                "it are kept: free space and re-run the same command to resume"
+            ) from e
 
     def add(self, index: int, problem_id: Any, generations: list[str]) -> None:
+        """Append a finished problem (the header first, if the file does not exist yet)."""
+        if not self.path.exists():
+            self._write_line({"pwopsd_partial": PARTIAL_FORMAT, "settings": self.settings}, mode="w")
         record = {"index": index, "problem_id": problem_id, "generations": generations}
         self._write_line(record)
         self.done[index] = record
@@ -221,10 +308,11 @@ def build_result(
 def sample_entries(
     texts: Sequence[str], predictions: Sequence[str | None], formatted: Sequence[bool], correct: Sequence[bool]
 ) -> list[dict[str, Any]]:
-    """One entry per sample, in generation order: the boxed answer (or NO_BOXED_ANSWER), the text and its grade."""
+    """One entry per sample, in generation order: the stored answer (`stored_answer`: the box's content, or
+    `[No boxed answer found]` without a box or for an empty one), the text, its grade and whether it had a box."""
     return [
         {
-            "predicted_answer": NO_BOXED_ANSWER if pred is None else pred,
+            "predicted_answer": stored_answer(pred),
             "full_generation": text,
             "correct": ok,
             "formatted": has_box,
@@ -262,6 +350,7 @@ def result_provenance(args: EvalArguments, grader: MathGrader, backend: str, dat
     """pwopsd's extras after the metrics: how the samples were generated and graded, where the problems came from."""
     return {
         "backend": backend,
+        "sample_seed_rule": args.sample_seeds,
         "grader": args.grader,
         "math_verify_version": importlib.metadata.version("math-verify"),
         "grading_timeouts": grader.timeouts,
@@ -277,17 +366,68 @@ def result_provenance(args: EvalArguments, grader: MathGrader, backend: str, dat
 
 def evaluate(args: EvalArguments) -> dict[str, Any]:
     """Generate (resuming from the partial file), grade, and write `args.output_file` atomically."""
+    output = Path(args.output_file)
+    check_output_path(output)  # before anything slow: a bad path used to surface only after the whole generation
+    if args.checkpoint_dir:
+        check_adapter(args.checkpoint_dir)
     problems, data_source = load_problems(args)
     backend = choose_backend(args)
-    output = Path(args.output_file)
     partial = open_partial_log(args, output, problems, backend)
     with MathGrader(args.grader, args.grading_timeout, args.grading_workers) as grader:  # warms up meanwhile
         generate_missing(args, problems, partial, backend)
         generations = [partial.done[i]["generations"] for i in range(len(problems))]
         result = build_result(args, problems, generations, grader, backend, data_source)
-    atomic_write_json(output, result)
-    partial.path.unlink()
+    try:
+        atomic_write_json(output, result)
+    except OSError as e:
+        raise UserError(
+            f"cannot write --output_file {output}: {e.strerror or first_line(e)}; the generations are kept in "
+            f"{partial.path}: free space and re-run the same command (only grading runs again)"
+        ) from e
+    partial.path.unlink(missing_ok=True)
     return result
+
+
+def check_output_path(output: Path) -> None:
+    """The result file and its partial log must be writable files: checked with a probe file in their folder."""
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    for path in (output, partial):
+        if path.is_dir():
+            raise UserError(f"--output_file: {path} is a directory; pass a file name, e.g. {path / 'result.json'}")
+    blocker = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--output_file {output}: {blocker} is a file, not a folder; pass a path in a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.probe-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"--output_file {output}: cannot write in {output.parent} ({e.strerror or first_line(e)}); "
+            "pass a path in a writable folder"
+        ) from e
+
+
+def check_adapter(checkpoint_dir: str) -> None:
+    """--checkpoint_dir must be a LoRA adapter folder of rank <= 64 (vLLM's max_lora_rank); checked before loading."""
+    folder = Path(checkpoint_dir)
+    config = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise UserError(f"--checkpoint_dir {checkpoint_dir} is not a folder; pass a LoRA adapter folder")
+    if not config.is_file():
+        raise UserError(
+            f"--checkpoint_dir {checkpoint_dir} has no adapter_config.json, so it is not a LoRA adapter "
+            "(a merged model goes to --base_model)"
+        )
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--checkpoint_dir: cannot read {config}: {first_line(e)}") from e
+    if not isinstance(settings, dict) or "peft_type" not in settings:
+        raise UserError(f"--checkpoint_dir: {config} has no 'peft_type', so it is not a PEFT adapter configuration")
+    rank = settings.get("r")
+    if isinstance(rank, int) and rank > 64:
+        raise UserError(f"--checkpoint_dir {checkpoint_dir}: LoRA rank {rank} > 64, the most vLLM is started with")
 
 
 def load_problems(args: EvalArguments) -> tuple[list[Problem], str]:

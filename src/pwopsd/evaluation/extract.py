@@ -9,7 +9,17 @@ docs/evaluation.md#extraction.
 
 from __future__ import annotations
 
-NO_BOXED_ANSWER = "[No boxed answer found]"  # what the result files store as `predicted_answer` without a box
+NO_BOXED_ANSWER = "[No boxed answer found]"  # what the result files store as `predicted_answer` without an answer
+
+
+def stored_answer(extraction: str | None) -> str:
+    """The `predicted_answer` a result file stores for an extraction: the extraction, or NO_BOXED_ANSWER when it is
+    None *or empty* (the reference's `extraction if extraction else NO_BOXED_ANSWER`).
+
+    An empty `\\boxed{}` is therefore stored as the marker while still counting as formatted (the flag comes from
+    `extraction is not None`); the Maj@N vote clusters these stored strings (`vote.cluster_inputs`).
+    """
+    return extraction if extraction else NO_BOXED_ANSWER
 
 
 def extract_boxed_answer(text: str | None) -> str | None:

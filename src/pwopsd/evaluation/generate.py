@@ -2,9 +2,14 @@
 
 The prompt is `{problem}` + `pwopsd.prompts.EVAL_PROMPT_SUFFIX` as one user message (no `Problem:` prefix, no think
 patch), rendered with the chat template (docs/evaluation.md#prompt). vLLM takes every prompt at once with
-`SamplingParams(n=val_n, seed=S)`; the transformers backend (`--backend hf`) runs the same sampling chain, seeded per
-(problem, sample), so its samples do not depend on batching and a resumed run continues exactly
+`SamplingParams(n=val_n, seed=S)`; the transformers backend (`--backend hf`) runs the same sampling chain with one
+generator per (problem, sample), so its samples do not depend on batching and a resumed run continues exactly
 (docs/evaluation.md#sampling-and-backends).
+
+Sample seeds (`--sample_seeds`, `sample_seed`): both backends give sample j of problem p the same integer seed. The
+random streams drawn from equal seeds still differ between backends (vLLM draws exponential noise over the
+vocabulary on the GPU, the transformers backend one uniform per token from a CPU `torch.Generator`), so equal seeds
+give equal samples only within a backend.
 """
 
 from __future__ import annotations
@@ -42,10 +47,27 @@ def resolve_backend(name: str) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def problem_seed(seed: int, index: int) -> int:
-    """A per-problem seed for the transformers backend: independent of batch composition, so runs resume exactly."""
-    digest = hashlib.blake2b(f"pwopsd-eval:{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+SAMPLE_SEED_RULES = ("engine", "independent")
+"""`--sample_seeds`: how sample j of problem p is seeded from `--seed` S (recorded as `sample_seed_rule`)."""
+
+
+def sample_seed(seed: int, index: int, sample: int, rule: str) -> int:
+    """The seed of sample `sample` of problem `index` in a run seeded `seed`.
+
+    * engine (default, the reference's vLLM behaviour): `seed + sample`. vLLM expands a request with
+      `SamplingParams(n=N, seed=S)` into N child requests and seeds child j with S + j (vllm/v1/engine/
+      parallel_sampling.py), the same for every problem. Run seeds S and S + 1 therefore share N - 1 of their N
+      sample seeds (seeds 0, 1, 2 with N = 12: 11 shared streams per consecutive pair).
+    * independent: the first 8 bytes, little-endian, top bit cleared, of
+      BLAKE2b(`"pwopsd-eval-sample:{seed}:{index}:{sample}"`, digest_size=8): a distinct seed per
+      (seed, problem, sample), so no two runs or problems share a stream.
+    """
+    if rule == "engine":
+        return seed + sample
+    if rule == "independent":
+        digest = hashlib.blake2b(f"pwopsd-eval-sample:{seed}:{index}:{sample}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+    raise ValueError(f"unknown sample seed rule {rule!r}; choose one of {', '.join(SAMPLE_SEED_RULES)}")
 
 
 class VLLMBackend:
@@ -79,9 +101,19 @@ class VLLMBackend:
             presence_penalty=args.presence_penalty,
             max_tokens=args.max_new_tokens,
         )
-        if args.seed is not None:
-            sampling["seed"] = args.seed
-        self.sampling_params = SamplingParams(**sampling)
+        self.val_n = args.val_n
+        self.independent = args.sample_seeds == "independent" and args.seed is not None
+        if self.independent:  # one request per sample, each with its own seed (see sample_seed)
+            assert args.seed is not None
+            seed = args.seed
+            sampling["n"] = 1
+            self.sampling_for = lambda index: [
+                SamplingParams(**sampling, seed=sample_seed(seed, index, j, "independent")) for j in range(args.val_n)
+            ]
+        else:
+            if args.seed is not None:
+                sampling["seed"] = args.seed
+            self.sampling_params = SamplingParams(**sampling)
         self.lora_request = None
         if args.checkpoint_dir:
             from vllm.lora.request import LoRARequest
@@ -89,23 +121,38 @@ class VLLMBackend:
             self.lora_request = LoRARequest("adapter", 1, args.checkpoint_dir)
 
     def generate(self, prompts: Sequence[str], indices: Sequence[int]) -> Iterator[tuple[int, list[str]]]:
-        """Yield (problem index, N texts in generation order) as requests finish."""
+        """Yield (problem index, N texts in generation order) as problems finish."""
         from tqdm.auto import tqdm
 
         # Same requests as LLM.generate (which is enqueue + this loop), but finished problems come out one by one.
-        request_ids = self.llm.enqueue(
-            list(prompts), self.sampling_params, lora_request=self.lora_request, use_tqdm=False
-        )
+        if self.independent:  # N requests of n=1 per problem, sample j of problem p at position p * N + j
+            request_prompts = [prompt for prompt in prompts for _ in range(self.val_n)]
+            params: Any = [sp for index in indices for sp in self.sampling_for(index)]
+            slots = [(index, j) for index in indices for j in range(self.val_n)]
+        else:
+            request_prompts, params, slots = list(prompts), self.sampling_params, [(index, None) for index in indices]
+        request_ids = self.llm.enqueue(request_prompts, params, lora_request=self.lora_request, use_tqdm=False)
         # enqueue returns vLLM's internal ids, "{id}-{8 random chars}"; finished outputs carry the plain {id}
-        index_of = {request_id.split("-", 1)[0]: index for request_id, index in zip(request_ids, indices)}
+        slot_of = {request_id.split("-", 1)[0]: slot for request_id, slot in zip(request_ids, slots)}
+        pending: dict[int, dict[int, str]] = {}
         engine = self.llm.llm_engine
-        with tqdm(total=len(request_ids), desc="generating (vLLM)") as bar:
+        with tqdm(total=len(prompts), desc="generating (vLLM)") as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
-                    if output.finished:
+                    if not output.finished:
+                        continue
+                    index, sample = slot_of[output.request_id]
+                    if sample is None:
                         samples = sorted(output.outputs, key=lambda c: c.index)  # generation order
                         bar.update(1)
-                        yield index_of[output.request_id], [c.text for c in samples]
+                        yield index, [c.text for c in samples]
+                        continue
+                    done = pending.setdefault(index, {})
+                    done[sample] = output.outputs[0].text
+                    if len(done) == self.val_n:
+                        del pending[index]
+                        bar.update(1)
+                        yield index, [done[j] for j in range(self.val_n)]
 
 
 class PresencePenaltyLogitsProcessor:
@@ -161,17 +208,19 @@ class RowSampler:
         import torch
 
         # Inverse-CDF draw, batched over rows: token i is picked when cdf[i-1] <= u * total < cdf[i], i.e. with
-        # probability p_i; masked tokens (p = 0) can never be picked. One uniform per row from the row's generator.
+        # probability p_i; masked tokens (p = 0) can never be picked. One uniform per row from the row's generator;
+        # the generators live on the CPU (their streams do not depend on the device), their draws move to the logits'.
         cdf = torch.softmax(scores.float(), dim=-1).cumsum_(dim=-1)
-        u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in self.generators])
+        draws = [torch.rand((), generator=g, dtype=torch.float32, device="cpu") for g in self.generators]
+        u = torch.stack(draws).to(cdf.device)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
         keep = torch.full_like(scores, float("-inf"))
         return keep.scatter_(1, picks, 0.0)
 
 
-def row_generators(seed: int | None, index: int, val_n: int) -> list[Any]:
-    """One generator per sample of problem `index`: seeded from (seed, index, sample), or from OS entropy if
-    unseeded."""
+def row_generators(seed: int | None, index: int, val_n: int, rule: str = "engine") -> list[Any]:
+    """One CPU generator per sample of problem `index`, seeded with `sample_seed(seed, index, sample, rule)` (the
+    integer vLLM would use), or from OS entropy if unseeded."""
     import torch
 
     generators = []
@@ -180,7 +229,7 @@ def row_generators(seed: int | None, index: int, val_n: int) -> list[Any]:
         if seed is None:
             g.seed()
         else:
-            g.manual_seed((problem_seed(seed, index) + sample) % 2**63)
+            g.manual_seed(sample_seed(seed, index, sample, rule))
         generators.append(g)
     return generators
 
@@ -205,7 +254,12 @@ class HFBackend:
         if args.checkpoint_dir:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, args.checkpoint_dir)
+            try:
+                model = PeftModel.from_pretrained(model, args.checkpoint_dir)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise UserError(
+                    f"cannot load the LoRA adapter --checkpoint_dir {args.checkpoint_dir}: {first_line(e)}"
+                ) from e
         self.model = model.to(self.device).eval()
         from pwopsd.rollouts import eos_token_ids  # the trainer's stop ids: tokenizer EOS + generation-config EOS
 
@@ -269,7 +323,7 @@ class HFBackend:
         )
         processors = sampling_processors(args, prompt_length)
         if args.temperature != 0:
-            generators = [g for i in indices for g in row_generators(args.seed, i, args.val_n)]
+            generators = [g for i in indices for g in row_generators(args.seed, i, args.val_n, args.sample_seeds)]
             processors.append(RowSampler(generators))
         with torch.inference_mode():
             output = self.model.generate(

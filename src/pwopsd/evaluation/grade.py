@@ -25,6 +25,7 @@ that returns exactly what math-verify's does (`install_fast_parsing`). `main` is
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from itertools import product
 from typing import Any
@@ -266,18 +267,79 @@ def warm_up(grade: Callable[[str, str], bool]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python eval/math_grader.py PREDICTION GOLD [--grader strict] [--timeout S]`: print True/False."""
+    """`python eval/math_grader.py [--grader strict] [--timeout S] [--] PREDICTION GOLD`: print True/False.
+
+    Answers often start with `-` (`-5`, `-\\frac{1}{2}`), so every argument that is not one of this command's options
+    is an answer, wherever it stands; after `--` every argument is (for an answer spelled like an option, e.g.
+    `-- --timeout 5`). A bad option or time limit is one line on stderr and exit status 2.
+    """
     import argparse
+    import math
 
     # Imported here, not at the top: the worker pool is built on this module, and the rule itself needs no pool.
-    from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MathGrader
+    from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MathGrader
+    from pwopsd.io import UserError, run_main
 
-    parser = argparse.ArgumentParser(description="Grade one prediction against one gold answer.")
-    parser.add_argument("prediction")
-    parser.add_argument("gold")
-    parser.add_argument("--grader", choices=GRADERS, default="reference")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="hard limit in seconds")
-    args = parser.parse_args(argv)
-    with MathGrader(args.grader, args.timeout, num_workers=1) as grader:
-        print(grader.grade(args.prediction, args.gold))
-    return 0
+    prog = "math_grader.py"
+    valued = ("--grader", "--timeout")  # the options that take a value
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # argparse would print the usage first: one line instead
+            raise UserError(f"{message} (see --help)")
+
+    parser = Parser(
+        prog=prog,
+        usage="%(prog)s [-h] [--grader {reference,strict}] [--timeout S] [--] PREDICTION GOLD",
+        description="Grade one prediction against one gold answer (prints True or False).",
+        epilog="Arguments other than the options are the two answers, even when they start with '-' "
+        "(math_grader.py -5 -5); after '--' every argument is an answer (math_grader.py -- --timeout --timeout).",
+        allow_abbrev=False,  # `--time` is an answer, not an abbreviation of --timeout
+    )
+    parser.add_argument("--grader", choices=GRADERS, default="reference", help="grading rule (default reference)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"hard limit in seconds, > 0 and <= {MAX_TIMEOUT_S:g} (default {DEFAULT_TIMEOUT_S:g})",
+    )
+
+    def split(args: list[str]) -> tuple[list[str], list[str]]:
+        """(option arguments for argparse, answers), so that argparse never sees an answer."""
+        options: list[str] = []
+        answers: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                answers += args[i + 1 :]
+                break
+            if arg in ("-h", "--help") or arg.startswith(tuple(f"{name}=" for name in valued)):
+                options.append(arg)
+            elif arg in valued:
+                options += args[i : i + 2]  # its value, whatever it looks like (`--timeout -1`)
+                i += 1
+            else:
+                answers.append(arg)
+            i += 1
+        return options, answers
+
+    def run() -> int:
+        options, answers = split(sys.argv[1:] if argv is None else list(argv))
+        args = parser.parse_args(options)
+        if len(answers) != 2:
+            shown = " ".join(repr(a) for a in answers) or "none"
+            raise UserError(
+                f"expected 2 answers, PREDICTION and GOLD, got {len(answers)} ({shown}); quote an answer that "
+                "contains spaces, and put '--' before answers spelled like an option (math_grader.py -- --timeout 5)"
+            )
+        if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+            raise UserError(
+                f"--timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, got {args.timeout:g} "
+                f"(default {DEFAULT_TIMEOUT_S:g})"
+            )
+        with MathGrader(args.grader, args.timeout, num_workers=1) as grader:
+            print(grader.grade(*answers))
+        return 0
+
+    return run_main(run, prog)

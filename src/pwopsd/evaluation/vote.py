@@ -7,12 +7,18 @@ rule: the evaluator, `recompute_majn.py` and the grading workers all call it. It
 argument, so the rule is independent of how a comparison is made: in process (`grade.grade_answer`), or in a worker
 with a cache and a time limit (`workers.MathGrader`). `grade_problem` lives here because a problem's grade is its
 per-sample verdicts plus its vote, both made with the same grading function.
+
+The vote runs over the strings a result file stores (`cluster_inputs`), as the reference's did: an empty `\\boxed{}` is
+stored as `[No boxed answer found]` and stays formatted, so all empty boxes of a problem form one ordinary cluster (the
+marker is equivalent to itself under both graders) that can win the vote and is then wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from pwopsd.evaluation.extract import stored_answer
 
 GradeFn = Callable[[str | None, str], bool]
 
@@ -32,21 +38,35 @@ class MajorityVote:
     winner: int | None
 
 
+def cluster_inputs(predictions: Sequence[str | None], formatted: Sequence[bool]) -> tuple[list[str], list[bool]]:
+    """What the Maj@N clustering sees: each prediction as stored (`extract.stored_answer`: None or "" become
+    `[No boxed answer found]`), with the formatted flags unchanged.
+
+    Takes extractions (formatted = extraction is not None) or the `predicted_answer` / `formatted` pairs of a saved
+    result file; idempotent, so a file written by the reference (marker stored) or by an older pwopsd (`""` stored for
+    an empty box) clusters the same way. `majority_vote` applies it itself; `recompute_majn.py` may call it to show
+    the strings it clusters.
+    """
+    if len(predictions) != len(formatted):
+        raise ValueError(f"{len(predictions)} predictions but {len(formatted)} formatted flags")
+    return [stored_answer(p) for p in predictions], [bool(ok) for ok in formatted]
+
+
 def majority_vote(
     predictions: Sequence[str | None], formatted: Sequence[bool], gold: str, grade: GradeFn
 ) -> MajorityVote:
     """Clustered Maj@N with an INVALID cluster.
 
-    In generation order: an unformatted sample joins the single INVALID cluster; a formatted sample joins the first
-    non-INVALID cluster whose representative r (first member) satisfies `grade(pred, r) or grade(r, pred)`, else it
-    starts a new cluster. Clusters are sorted by size, descending, with a stable sort (ties → earliest created).
+    The predictions are first mapped to their stored strings (`cluster_inputs`). In generation order: an unformatted
+    sample joins the single INVALID cluster; a formatted sample joins the first non-INVALID cluster whose
+    representative r (first member) satisfies `grade(pred, r) or grade(r, pred)`, else it starts a new cluster.
+    Clusters are sorted by size, descending, with a stable sort (ties → earliest created).
     If INVALID wins the problem is wrong; otherwise correct = `grade(winner_rep, gold)`.
     """
-    if len(predictions) != len(formatted):
-        raise ValueError(f"{len(predictions)} predictions but {len(formatted)} formatted flags")
+    stored, flags = cluster_inputs(predictions, formatted)
     clusters: list[list[int]] = []
     invalid: int | None = None
-    for i, (pred, ok) in enumerate(zip(predictions, formatted)):
+    for i, (pred, ok) in enumerate(zip(stored, flags)):
         if not ok:
             if invalid is None:
                 invalid = len(clusters)
@@ -56,7 +76,7 @@ def majority_vote(
         for c, members in enumerate(clusters):
             if c == invalid:
                 continue
-            rep = predictions[members[0]]
+            rep = stored[members[0]]
             if grade(pred, rep) or grade(rep, pred):
                 members.append(i)
                 break
@@ -66,13 +86,16 @@ def majority_vote(
     if not clusters:
         return MajorityVote(correct=False, clusters=frozen, invalid_cluster=None, winner=None)
     winner = sorted(range(len(clusters)), key=lambda c: -len(clusters[c]))[0]  # sorted() is stable
-    correct = winner != invalid and grade(predictions[clusters[winner][0]], gold)
+    correct = winner != invalid and grade(stored[clusters[winner][0]], gold)
     return MajorityVote(correct=bool(correct), clusters=frozen, invalid_cluster=invalid, winner=winner)
 
 
 @dataclass(frozen=True)
 class ProblemGrade:
-    """Per-sample correctness (`grade(pred, gold)` for formatted samples, False otherwise) and the majority vote."""
+    """Per-sample correctness (`grade(pred, gold)` for formatted samples, False otherwise) and the majority vote.
+
+    The per-sample grade uses the prediction as given (an empty box is graded as `""`, never correct); the vote uses
+    the stored strings (`cluster_inputs`)."""
 
     correct: tuple[bool, ...]
     majority: MajorityVote

@@ -43,6 +43,7 @@ from pwopsd.evaluation.vote import MajorityVote, ProblemGrade, grade_problem
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
+MAX_TIMEOUT_S = 1e6  # longer waits overflow select() (near 1e10 s); 11 days is "no limit" for one comparison
 _WORKER_START_TIMEOUT_S = 120.0
 _JOBS_PER_WORKER = 2  # jobs queued on a worker, so that it starts the next one without waiting for the parent
 _QUEUED_JOB_MAX_BYTES = 32 << 10  # a larger job is sent to an idle worker only (it could fill a busy one's socket)
@@ -264,8 +265,10 @@ class MathGrader:
     ) -> None:
         if grader not in GRADERS:
             raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
-        if timeout_seconds <= 0:
-            raise ValueError(f"the grading time limit must be > 0 seconds, got {timeout_seconds}")
+        if not 0 < timeout_seconds <= MAX_TIMEOUT_S:  # NaN fails this test too
+            raise ValueError(
+                f"the grading time limit must be > 0 and <= {MAX_TIMEOUT_S:g} seconds, got {timeout_seconds}"
+            )
         if num_workers is not None and num_workers < 1:  # with no worker, a run would wait forever
             raise ValueError(f"the number of grading workers must be >= 1, got {num_workers}")
         self.grader = grader
