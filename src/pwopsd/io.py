@@ -69,7 +69,7 @@ def atomic_write_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> P
     """Fill a fresh `OUT.tmp-PID` folder with `write(tmp)`, then replace `out` with it.
 
     A failure inside `write` (a full disk, Ctrl-C) removes the temporary folder, so no multi-GB half-written folder is
-    left behind and an existing `out` is untouched.
+    left behind and an existing `out` is untouched; the replacement itself is `replace_dir`'s.
     """
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -79,8 +79,26 @@ def atomic_write_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the complete folder `tmp` to `out`; an existing `out` is renamed aside first and deleted only at the end.
+
+    If renaming `tmp` in fails, the old `out` is renamed back, so at every moment either the old or the new folder is
+    complete (a kill between the two renames leaves the old one as `OUT.old-PID`).
+    """
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
