@@ -161,6 +161,37 @@ def test_truncated_ragged_batch_equals_the_reference_two_pass_tokenization(token
     assert batch["student_prompt_lengths_per_example"].tolist()[1] == limit
 
 
+def test_prompts_cut_to_max_length_are_reported_once_with_count_and_longest(tokenizers, caplog):
+    """Truncation is kept (the reference's), but no longer silent: one warning with the rows cut and the longest."""
+    tok = tokenizers["qwen3"]
+    rows = [
+        {"problem": "1+1?", "solution": "2"},
+        {"problem": PROBLEM * 4, "solution": SOLUTION},  # student and teacher prompts both too long
+        {"problem": "2+2?", "solution": SOLUTION * 6},  # only the teacher prompt too long
+    ]
+    students, teachers = SelfDistillationDataCollator(tok, max_length=None).prompt_texts(rows)
+    full = [max(len(tok(s)["input_ids"]), len(tok(t)["input_ids"])) for s, t in zip(students, teachers)]
+    limit = len(tok(teachers[0])["input_ids"]) + 1  # row 0 fits whole, rows 1 and 2 do not
+    naive_cut = [n for n in full if n > limit]
+    assert len(naive_cut) == 2
+    collator = SelfDistillationDataCollator(tok, max_length=limit)
+    with caplog.at_level("WARNING", logger="pwopsd.collator"):
+        batch = collator(rows)
+        collator(rows[:2])
+    (record,) = [r for r in caplog.records if r.name == "pwopsd.collator"]  # once, not per batch
+    assert record.getMessage().startswith(
+        f"2 of 3 prompt rows in this batch are longer than --max_length {limit} and are cut to it (longest: "
+        f"{max(naive_cut)} tokens)"
+    )
+    assert (collator.truncated_rows, collator.longest_prompt) == (2, max(naive_cut))  # distinct rows, not batches
+    for role, texts in (("student", students), ("teacher", teachers)):  # the cut itself is unchanged
+        expected = [tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+        assert batch[f"{role}_prompt_lengths_per_example"].tolist() == [len(e) for e in expected]
+    quiet = SelfDistillationDataCollator(tok, max_length=max(full))  # a prompt of exactly max_length is not cut
+    quiet(rows)
+    assert quiet.truncated_rows == 0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rollout_prompts_round_trip_through_text(tokenizers, arch):
     """Rollout prompts (docs/architecture.md#rollout): decode with special tokens, strip pad strings, re-tokenize

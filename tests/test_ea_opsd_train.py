@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ from conftest import REPO_ROOT as REPO
 from transformers import AutoModelForCausalLM
 
 from pwopsd import train
-from pwopsd.config import OPSDConfig
+from pwopsd.checkpoints import COMPLETE_MARKER, CheckpointLayout, checkpoint_problem
+from pwopsd.config import ConfigError, OPSDConfig
 
 MUST_SHOW = (
     "--method {method} --output_dir {out} --max_steps 2 --save_steps 1 --per_device_train_batch_size 2 "
@@ -107,6 +110,7 @@ def test_reference_defaults_are_explicit(tmp_path):
         "disable_dropout": True,
         "use_vllm": False,
         "vllm_mode": "server",
+        "vllm_server_port": 8000,  # `trl vllm-serve`'s port (GOLDConfig's 8001 met no server)
         "vllm_gpu_memory_utilization": 0.9,
         "vllm_sync_frequency": 1,
         "vllm_enable_sleep_mode": False,
@@ -173,6 +177,38 @@ BAD_INPUTS = {  # case: (dataset/model setup, flags to set (None = drop the flag
     "reason_first": ({}, {"--reason_first": True}, "--reason_first is not implemented"),
     "unknown flag": ({}, {"--bogus_flag": "1"}, "--bogus_flag"),
     "bad resume": ({}, {"--resume_from_checkpoint": "/nonexistent/ckpt"}, "--resume_from_checkpoint"),
+    # models that are not models, flags the libraries reject only after loading (each printed a traceback before)
+    "folder that is not a model": ({"model": "not_a_model"}, {}, "the folder has no config.json, so it is not a model"),
+    "model folder without weights": ({"model": "config_only"}, {}, "cannot load --model_name_or_path"),
+    "lora rank 0": ({}, {"--lora_r": "0"}, "--lora_r must be >= 1 (the LoRA rank), got 0"),
+    "integer dtype": (
+        {},
+        {"--torch_dtype": "int8"},
+        "--torch_dtype 'int8' is not a floating-point dtype: use bfloat16",
+    ),
+    "unknown dtype": ({}, {"--torch_dtype": "float8"}, "--torch_dtype 'float8' is not a torch dtype"),
+    # data that used to be reported as "StopIteration" or trained on as the text "None" / "[1, 2]"
+    "empty file": ({"data": "empty_file"}, {}, "has no rows (its file(s) are empty)"),
+    "blank lines only": ({"data": "blank_file"}, {}, "has no rows (its file(s) are empty)"),
+    "null problem": ({"data": "null_problem"}, {}, "row 1 (0-based): column 'problem' is null, not a string; fix"),
+    "list problem": ({"data": "list_problem"}, {}, "row 0 (0-based): column 'problem' is list '[1, 2]', not a string"),
+    "number solution": (
+        {"data": "number_solution"},
+        {},
+        "row 2 (0-based): column 'solution' is int '3', not a string (2 values in all)",
+    ),
+    # rollout sampling flags the engines check only at the first rollout
+    "vllm temperature": ({}, {"--use_vllm": True, "--temperature": "2.5"}, "--temperature 2.5 is above 2, the most"),
+    "vllm presence penalty": ({}, {"--use_vllm": True, "--presence_penalty": "2.5"}, "--presence_penalty must be in"),
+    "top_p": ({}, {"--top_p": "0"}, "--top_p must be in (0, 1], got 0.0"),
+    "min_p": ({}, {"--min_p": "1.5"}, "--min_p must be in [0, 1], got 1.5"),
+}
+BAD_DATA = {  # data file contents of the bad-data cases
+    "empty_file": "",
+    "blank_file": "\n  \n",
+    "null_problem": '{"problem": "p", "solution": "s"}\n{"problem": null, "solution": "s"}\n',
+    "list_problem": '{"problem": [1, 2], "solution": "s"}\n{"problem": "p", "solution": "s"}\n',
+    "number_solution": "".join(json.dumps({"problem": "p", "solution": s}) + "\n" for s in ["s", "s", 3, None]),
 }
 
 
@@ -200,17 +236,109 @@ def test_user_errors_are_one_line(case, tiny_model_dir, train_jsonl, tmp_path, m
         "wrong_columns": _write(tmp_path / "w.jsonl", '{"question": "q", "answer": "a"}\n'),
         "corrupt": _write(tmp_path / "c.jsonl", '{"problem": "p", "solution": \n'),
         "empty_dir": tmp_path / "empty",
+        **{name: _write(tmp_path / f"{name}.jsonl", text) for name, text in BAD_DATA.items()},
     }
     (tmp_path / "empty").mkdir()
+    models = {"not_a_model": tmp_path / "not_a_model", "config_only": tmp_path / "config_only"}
+    for folder in models.values():
+        folder.mkdir()
+    _write(models["not_a_model"] / "notes.txt", "not a model")
+    shutil.copy(tiny_model_dir("qwen3") / "config.json", models["config_only"])
     spec = setup.get("data")
     monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(data.get(spec, spec) if spec else train_jsonl))
     model = setup.get("model", str(tiny_model_dir("qwen3")))
+    model = str(models.get(model, model))
     rc = train.main(_argv(model, tmp_path / "out", extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err and err[-1].startswith("ea_opsd_train.py: error: "), err
+    assert sum(line.startswith("ea_opsd_train.py: error:") for line in err) == 1
     assert message in err[-1], err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize(
+    ("case", "flags", "expected"),
+    [
+        ("not a model", {}, "ea_opsd_train.py: error: cannot load --model_name_or_path '{model}': the folder has no "
+         "config.json, so it is not a model folder (pass the folder save_pretrained wrote, or a Hub id)"),
+        ("lora rank 0", {"--lora_r": "0"}, "ea_opsd_train.py: error: --lora_r must be >= 1 (the LoRA rank), got 0"),
+        ("int8", {"--torch_dtype": "int8"}, "ea_opsd_train.py: error: --torch_dtype 'int8' is not a floating-point "
+         "dtype: use bfloat16, float16, float32 or auto"),
+    ],
+)  # fmt: skip
+def test_errors_that_printed_a_traceback_are_one_line(tiny_model_dir, train_jsonl, tmp_path, case, flags, expected):
+    model = tiny_model_dir("qwen3")
+    if case == "not a model":
+        model = tmp_path / "notes"
+        model.mkdir()
+        (model / "notes.txt").write_text("not a model")
+    cmd = [sys.executable, "code/ea_opsd_train.py", *_argv(str(model), tmp_path / "out", flags)]
+    proc = run_cli(cmd, {"PWOPSD_TRAIN_DATASET": str(train_jsonl)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == expected.format(model=model)
+
+
+@pytest.mark.skipif(train._vllm_installed(), reason="vLLM is installed here")
+def test_use_vllm_without_vllm_is_one_line_before_loading(tiny_model_dir, train_jsonl, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(train_jsonl))
+    rc = train.main(_argv(str(tiny_model_dir("qwen3")), tmp_path / "out", {"--use_vllm": True}))
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ea_opsd_train.py: error: --use_vllm needs vLLM, which is not installed in this Python: install it (GPU "
+        "machines) or drop --use_vllm to roll out with transformers generate"
+    )
+
+
+def test_vllm_bounds_apply_to_vllm_only(tmp_path):
+    """vLLM's SamplingParams limits (temperature <= 2, |presence_penalty| <= 2) are checked when the config is built,
+    with --use_vllm; transformers generate takes any temperature > 0 and ignores the presence penalty."""
+    for kwargs in ({"temperature": 2.0}, {"presence_penalty": -2.0}, {"presence_penalty": 2.0}):
+        OPSDConfig(output_dir=str(tmp_path), use_vllm=True, **kwargs)  # the bounds themselves are allowed
+    for kwargs, flag in (({"temperature": 2.01}, "--temperature"), ({"presence_penalty": -2.5}, "--presence_penalty")):
+        with pytest.raises(ConfigError, match=flag):
+            OPSDConfig(output_dir=str(tmp_path), use_vllm=True, **kwargs)
+        OPSDConfig(output_dir=str(tmp_path), use_vllm=False, **kwargs)
+
+
+def test_vllm_server_defaults_meet_trl_vllm_serve():
+    """Read from TRL itself: the port `trl vllm-serve` listens on, and the one its client connects to by default."""
+    import inspect
+    from dataclasses import fields
+
+    from trl.generation.vllm_generation import VLLMGeneration
+    from trl.scripts.vllm_serve import ScriptArguments
+
+    serve = {f.name: f.default for f in fields(ScriptArguments)}
+    client = inspect.signature(VLLMGeneration).parameters
+    ours = {f.name: f.default for f in fields(OPSDConfig)}
+    assert ours["vllm_server_port"] == serve["port"] == client["server_port"].default == 8000
+    assert ours["vllm_server_host"] == serve["host"] == "0.0.0.0"
+
+
+def test_refused_vllm_server_connection_is_one_line(tiny_model_dir, train_jsonl, tmp_path, monkeypatch, capsys):
+    """The real TRL client (`VLLMGeneration` -> `VLLMClient.check_server`) against a port nothing listens on. vLLM is
+    not installed here, so only TRL's "is vLLM installed" checks are answered yes; no request reaches any server."""
+    import trl.generation.vllm_client as vllm_client
+    import trl.generation.vllm_generation as vllm_generation
+
+    monkeypatch.setattr(train, "_vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
+    monkeypatch.setattr(vllm_client, "is_vllm_available", lambda *a, **k: True)
+    monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(train_jsonl))
+    with socket.socket() as sock:  # bound, never listening: connections to it are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        flags = {"--use_vllm": True, "--vllm_mode": "server", "--vllm_server_host": "127.0.0.1"}
+        flags |= {"--vllm_server_port": str(port), "--vllm_server_timeout": "0"}
+        rc = train.main(_argv(str(tiny_model_dir("qwen3")), tmp_path / "out", flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not any("Traceback" in line for line in err)
+    assert err[-1] == (
+        f"ea_opsd_train.py: error: cannot reach the vLLM server at http://127.0.0.1:{port} (--vllm_server_host/"
+        "--vllm_server_port, or --vllm_server_base_url) within --vllm_server_timeout 0 s: start it first with "
+        "`trl vllm-serve --model MODEL` (it listens on port 8000 unless given --port), or pass --vllm_mode colocate"
+    )
 
 
 def test_cli_error_has_no_traceback(tiny_model_dir, train_jsonl, tmp_path):
@@ -242,6 +370,10 @@ def test_two_processes_under_accelerate(tiny_model_dir, train_jsonl, tmp_path):
     logs = [h for h in state["log_history"] if "loss" in h]
     assert state["global_step"] == 2 and len(logs) == 2
     assert logs[0]["epoch"] == pytest.approx(0.5)  # 8 rows / (2 processes x 2 prompts) = 2 steps per epoch
+    # the completion marker is written after both processes wrote their RNG state
+    manifest = json.loads((out / "checkpoint-2" / COMPLETE_MARKER).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= manifest.keys()
+    assert checkpoint_problem(out / "checkpoint-2", CheckpointLayout(adapter=True, world_size=2)) is None
     # the dump gathers the rollouts of both ranks
     records = json.loads((out / "generations" / "generations_step_1.json").read_text())
     assert len(records) == 4

@@ -248,6 +248,22 @@ def test_resume_restores_the_optimizer_step(tiny_model_dir, tmp_path):
         torch.testing.assert_close(resumed_lora[name], value, atol=1e-6, rtol=1e-5)
 
 
+def test_prompts_cut_to_max_length_are_summarised_at_the_end_of_training(tiny_model_dir, tmp_path, caplog):
+    args = make_args(tmp_path, "opsd", max_steps=2, save_steps=10, max_length=40)
+    trainer = make_trainer(tiny_model_dir("qwen3"), args, rows=ROWS[:4])  # 2 steps x 2 rows = every row
+    collator = trainer.data_collator
+    teachers = collator.prompt_texts(ROWS[:4])[1]  # the teacher prompts (with the solution) are all longer than 40
+    naive = [len(trainer.processing_class(t)["input_ids"]) for t in teachers]
+    assert min(naive) > 40
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert (collator.truncated_rows, collator.longest_prompt) == (4, max(naive))
+    summaries = [r.getMessage() for r in caplog.records if r.name == "pwopsd.trainer" and "were cut" in r.getMessage()]
+    assert summaries == [
+        f"4 prompt row(s) were longer than --max_length 40 and were cut (longest: {collator.longest_prompt} tokens)"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Teacher modes
 # ---------------------------------------------------------------------------------------------------------------------

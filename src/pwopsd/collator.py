@@ -18,6 +18,7 @@ block, the upstream author's suggestion in OPSD issue #10), `student_enable_thin
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pwopsd.prompts import TEACHER_THINK_MODES, student_prompt_text, teacher_prompt_text
+
+logger = logging.getLogger(__name__)
 
 
 def tokenize_prompts(
@@ -81,6 +84,9 @@ class SelfDistillationDataCollator:
         self.padding_side = padding_side
         self.teacher_think = teacher_think
         self.student_enable_thinking = student_enable_thinking
+        self._cut_rows: set[int] = set()
+        self.longest_prompt = 0
+        """The longest prompt cut to `max_length` so far, in tokens before the cut."""
 
     def prompt_texts(self, features: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
         """The rendered student and teacher prompt strings of a batch."""
@@ -103,10 +109,49 @@ class SelfDistillationDataCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         students, teachers = self.prompt_texts(features)
         batch: dict[str, Any] = {}
+        cut: dict[int, int] = {}  # row -> its longest prompt before the cut
         for role, texts in (("student", students), ("teacher", teachers)):
             ids, mask, batch_max, lengths = tokenize_prompts(self.tokenizer, texts, self.max_length, self.padding_side)
             batch[f"{role}_prompts"] = ids
             batch[f"{role}_prompt_attention_mask"] = mask
             batch[f"{role}_prompt_length"] = batch_max
             batch[f"{role}_prompt_lengths_per_example"] = lengths
+            for row, length in self._full_lengths_of_cut(texts, lengths).items():
+                cut[row] = max(cut.get(row, 0), length)
+        if cut:
+            self._report_truncation(cut, features)
         return batch
+
+    @property
+    def truncated_rows(self) -> int:
+        """Distinct rows whose student or teacher prompt was cut to `max_length` so far (in this process; a row seen
+        again in a later epoch is counted once)."""
+        return len(self._cut_rows)
+
+    def _full_lengths_of_cut(self, texts: Sequence[str], lengths: torch.Tensor) -> dict[int, int]:
+        """Rows whose prompt was longer than `max_length`, with their untruncated length. Only rows that fill
+        `max_length` exactly can have been cut, so only those are tokenized again (without truncation)."""
+        if self.max_length is None:
+            return {}
+        full = [i for i, n in enumerate(lengths.tolist()) if n >= self.max_length]
+        if not full:
+            return {}
+        ids = self.tokenizer([texts[i] for i in full], add_special_tokens=True)["input_ids"]
+        return {i: len(row) for i, row in zip(full, ids) if len(row) > self.max_length}
+
+    def _report_truncation(self, cut: dict[int, int], features: Sequence[dict[str, Any]]) -> None:
+        """The truncation itself is the reference's behaviour (kept); it is no longer silent: one warning, the first
+        time, and the running totals (`truncated_rows`, `longest_prompt`) for the end-of-training summary."""
+        first = not self._cut_rows
+        self._cut_rows.update(hash((features[i]["problem"], features[i]["solution"])) for i in cut)
+        self.longest_prompt = max(self.longest_prompt, *cut.values())
+        batch_size = len(features)
+        if first:
+            logger.warning(
+                "%d of %d prompt rows in this batch are longer than --max_length %d and are cut to it (longest: %d "
+                "tokens); the run's total is logged at the end of training. Raise --max_length to keep them whole",
+                len(cut),
+                batch_size,
+                self.max_length,
+                max(cut.values()),
+            )

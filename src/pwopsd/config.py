@@ -153,6 +153,9 @@ class OPSDConfig(GOLDConfig):
             Roll out with vLLM (GPU).
         vllm_mode (`str`, *optional*, defaults to `"server"`):
             colocate | server; launchers: colocate.
+        vllm_server_port (`int`, *optional*, defaults to `8000`):
+            Port of the vLLM server (--vllm_mode server); `trl vllm-serve` listens on 8000 by default (GOLDConfig's
+            own default, 8001, matches no server).
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.9`):
             Colocated vLLM memory fraction.
         vllm_sync_frequency (`int`, *optional*, defaults to `1`):
@@ -283,6 +286,11 @@ class OPSDConfig(GOLDConfig):
     disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout, including LoRA's."})
     use_vllm: bool = field(default=False, metadata={"help": "Roll out with vLLM (GPU)."})
     vllm_mode: str = field(default="server", metadata={"help": "colocate | server; launchers: colocate."})
+    # GOLDConfig's default is 8001, but `trl vllm-serve` (and `vllm serve`) listen on 8000 by default: meet them.
+    vllm_server_port: int = field(
+        default=8000,
+        metadata={"help": "Port of the vLLM server (--vllm_mode server); `trl vllm-serve` listens on 8000 by default."},
+    )
     vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Colocated vLLM memory fraction."})
     vllm_sync_frequency: int = field(default=1, metadata={"help": "Push weights to vLLM every N optimizer steps."})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "vLLM sleep mode (reference: off)."})
@@ -336,10 +344,37 @@ class OPSDConfig(GOLDConfig):
         if self.max_completion_length < 1:
             raise ConfigError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         self.validate_loss_hparams()
+        self.validate_sampling()
         if self.loss_chunk_size < 1:
             raise ConfigError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.generations_dump_steps < 0:
             raise ConfigError(f"--generations_dump_steps must be >= 0, got {self.generations_dump_steps}")
+
+    def validate_sampling(self) -> None:
+        """The rollout sampling flags, checked now rather than by the engine minutes later (vLLM checks them when the
+        first rollout is requested, after the model and the engine have loaded).
+
+        The upper bounds are vLLM's own (`SamplingParams`: temperature in [0, 2], presence penalty in [-2, 2]) and
+        apply with `--use_vllm` only: transformers `generate` accepts any temperature > 0 (which is also the loss
+        temperature, where a value above 2 is mathematically fine) and ignores the presence penalty.
+        """
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"--min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ConfigError(f"--repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not self.use_vllm:
+            return
+        if not self.temperature <= 2.0:  # > 0 and finite: the loss check
+            raise ConfigError(
+                f"--temperature {self.temperature} is above 2, the most vLLM accepts (--use_vllm): lower it, or roll "
+                "out with transformers generate (drop --use_vllm)"
+            )
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ConfigError(
+                f"--presence_penalty must be in [-2, 2] for vLLM (--use_vllm), got {self.presence_penalty}"
+            )
 
     def validate_loss_hparams(self) -> None:
         """Check --method and the loss flags with the loss module's own checks (no model needed)."""

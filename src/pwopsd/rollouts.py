@@ -27,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl.models import unwrap_model_for_generation
 
 from pwopsd.batch import truncate_at_eos
+from pwopsd.config import ConfigError
 
 if TYPE_CHECKING:
     from pwopsd.config import OPSDConfig
@@ -57,6 +58,8 @@ def make_vllm_generation(trainer: OPSDTrainer):
 
     class _VLLMGeneration(vllm_generation.VLLMGeneration):
         def _init_vllm(self) -> None:
+            if self.mode != "colocate":  # server mode builds no engine here: only the client
+                return super()._init_vllm()
             original = vllm_generation.LLM
             vllm_generation.LLM = functools.partial(original, enforce_eager=enforce_eager)
             try:
@@ -92,12 +95,41 @@ def make_vllm_generation(trainer: OPSDTrainer):
     )
 
 
+def vllm_server_url(args: OPSDConfig) -> str:
+    """The URL TRL's client connects to: `--vllm_server_base_url`, else `http://{host}:{port}`."""
+    return args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+
+
+def trl_vllm_serve_default_port() -> int:
+    """The port `trl vllm-serve` listens on when given none (read from TRL, so the hint follows TRL upgrades)."""
+    from dataclasses import fields
+
+    from trl.scripts.vllm_serve import ScriptArguments
+
+    return next(f.default for f in fields(ScriptArguments) if f.name == "port")
+
+
+def vllm_server_unreachable(args: OPSDConfig) -> str:
+    """One line for a refused or timed-out connection to the vLLM server: where we tried, where the server listens."""
+    return (
+        f"cannot reach the vLLM server at {vllm_server_url(args)} (--vllm_server_host/--vllm_server_port, or "
+        f"--vllm_server_base_url) within --vllm_server_timeout {args.vllm_server_timeout:g} s: start it first with "
+        f"`trl vllm-serve --model MODEL` (it listens on port {trl_vllm_serve_default_port()} unless given --port), "
+        "or pass --vllm_mode colocate"
+    )
+
+
 class VLLMRollouts:
     """vLLM rollouts, with the weights pushed to the engine once per `vllm_sync_frequency` optimizer steps."""
 
     def __init__(self, trainer: OPSDTrainer) -> None:
         self.trainer = trainer
-        self.engine = make_vllm_generation(trainer)
+        try:
+            self.engine = make_vllm_generation(trainer)
+        except OSError as err:  # requests' ConnectionError: server mode could not reach the server
+            if trainer.args.vllm_mode != "server":
+                raise
+            raise ConfigError(vllm_server_unreachable(trainer.args)) from err
         self.last_sync_step = -1
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:

@@ -25,11 +25,10 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import nn
 
+from pwopsd.checkpoints import EMA_FILE
 from pwopsd.config import ConfigError
 
 logger = logging.getLogger(__name__)
-
-EMA_FILE = "ema_teacher.pt"
 
 
 class EMATeacher:

@@ -80,6 +80,8 @@ def load_train_dataset(spec: str):
                     f"cannot read dataset '{spec}': expected a .jsonl/.json/.parquet/.csv file or a folder of one kind "
                     f"of them, found {', '.join(sorted(p.name for p in files)[:5]) or 'no data files'}"
                 )
+            if all(_is_blank(p) for p in files):  # `datasets` reports these as StopIteration or "no data"
+                raise UserError(f"dataset '{spec}' has no rows (its file(s) are empty): provide problem/solution rows")
             dataset = load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         else:
             dataset = load_dataset(spec, split="train")
@@ -96,7 +98,37 @@ def load_train_dataset(spec: str):
         )
     if len(dataset) == 0:
         raise UserError(f"dataset '{spec}' has no rows")
-    return dataset.select_columns(list(REQUIRED_COLUMNS))
+    dataset = dataset.select_columns(list(REQUIRED_COLUMNS))
+    check_text_columns(dataset, spec)
+    return dataset
+
+
+def _is_blank(path: Path) -> bool:
+    """An empty (or whitespace-only, for text formats) data file."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if path.suffix == ".parquet" or size > 1 << 16:
+        return False
+    return not path.read_bytes().strip()
+
+
+def check_text_columns(dataset, spec: str) -> None:
+    """Every `problem` and `solution` must be a string: a null, a number or a list would be rendered into the prompt
+    as "None", "3" or "[1, 2]" and trained on silently. Names the first bad row (0-based) and how many there are."""
+    bad: list[tuple[int, str, object]] = []
+    for column in REQUIRED_COLUMNS:
+        for i, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                bad.append((i, column, value))
+    if bad:
+        i, column, value = min(bad, key=lambda b: (b[0], REQUIRED_COLUMNS.index(b[1])))
+        shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+        more = f" ({len(bad)} values in all)" if len(bad) > 1 else ""
+        raise UserError(
+            f"dataset '{spec}' row {i} (0-based): column '{column}' is {shown}, not a string{more}; fix or remove "
+            "such rows"
+        )
 
 
 def format_learning_rate(lr: float) -> str:
@@ -119,30 +151,83 @@ def apply_run_config(training_args) -> None:
     training_args.run_name = f"{name}_lr{format_learning_rate(training_args.learning_rate)}_bs{batch}"
 
 
+def model_dtype(script_args, model_args):
+    """`--torch_dtype` (or `--dtype`) as a floating-point torch dtype, or "auto"."""
+    import torch
+
+    name = script_args.torch_dtype or model_args.dtype or "auto"
+    if name == "auto":
+        return name
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        what = "not a floating-point dtype" if isinstance(dtype, torch.dtype) else "not a torch dtype"
+        raise UserError(f"--torch_dtype {name!r} is {what}: use bfloat16, float16, float32 or auto")
+    return dtype
+
+
+def check_model_args(script_args, model_args, training_args) -> None:
+    """What can be checked before minutes of loading: the model folder, the dtype, LoRA's rank, vLLM's presence."""
+    path = model_args.model_name_or_path
+    if not path:
+        raise UserError("--model_name_or_path is required (a local folder or a Hub id)")
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith(("/", ".", "~")):
+        if not local.is_dir():
+            raise UserError(
+                f"cannot load --model_name_or_path '{path}': no such folder (a local model folder or a Hub id)"
+            )
+        if not (local / "config.json").is_file():
+            raise UserError(
+                f"cannot load --model_name_or_path '{path}': the folder has no config.json, so it is not a model "
+                "folder (pass the folder save_pretrained wrote, or a Hub id)"
+            )
+    model_dtype(script_args, model_args)
+    if model_args.use_peft and model_args.lora_r < 1:
+        raise UserError(f"--lora_r must be >= 1 (the LoRA rank), got {model_args.lora_r}")
+    if training_args.use_vllm and not _vllm_installed():
+        raise UserError(
+            "--use_vllm needs vLLM, which is not installed in this Python: install it (GPU machines) or drop "
+            "--use_vllm to roll out with transformers generate"
+        )
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = False):
     """AutoModelForCausalLM with --torch_dtype/--attn_implementation, use_cache off; tokenizer with left padding."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_args.model_name_or_path
     if not path:
         raise UserError("--model_name_or_path is required (a local folder or a Hub id)")
-    dtype = script_args.torch_dtype or model_args.dtype or "auto"
-    if dtype not in ("auto", None):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise UserError(f"--torch_dtype {dtype!r} is not a torch dtype: use bfloat16, float16, float32 or auto")
-        dtype = getattr(torch, dtype)
+    dtype = model_dtype(script_args, model_args)
     kwargs = {"revision": model_args.model_revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
         )
-    except OSError as err:
-        reason = first_line(err)
+    except (OSError, ValueError) as err:  # missing files, unreadable config or tokenizer, unknown architecture
+        reason = first_line(err).rstrip(":, ")
         raise UserError(f"cannot load --model_name_or_path '{path}': {reason}") from None
     model.config.use_cache = False
     return model, tokenizer  # a missing pad token is set by the trainer (pad = eos, as the reference)
+
+
+def resume_argument(resume: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: 'last'/'true' -> True (the trainer picks the newest complete checkpoint of
+    output_dir), a folder -> its path (the trainer checks that it is complete), nothing -> None."""
+    if not resume:
+        return None
+    if resume.lower() in ("true", "last"):
+        return True
+    if not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint '{resume}' is not a folder (or pass 'last')")
+    return resume
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -170,7 +255,9 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(f"--method is required: {' | '.join(METHODS)}")
     if training_args.fixed_teacher and not model_args.use_peft:
         raise UserError("--fixed_teacher needs --use_peft (the teacher is the base model with the adapter disabled)")
+    check_model_args(script_args, model_args, training_args)
     apply_run_config(training_args)
+    resume = resume_argument(training_args.resume_from_checkpoint)
 
     dataset = load_train_dataset(resolve_dataset_spec(script_args))
     model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args.trust_remote_code)
@@ -182,12 +269,7 @@ def run(argv: list[str] | None = None) -> int:
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
-        resume = training_args.resume_from_checkpoint
-        if isinstance(resume, str) and resume.lower() in ("true", "last"):
-            resume = True
-        elif resume and not Path(resume).is_dir():
-            raise UserError(f"--resume_from_checkpoint '{resume}' is not a folder (or pass 'last')")
-        trainer.train(resume_from_checkpoint=resume or None)
+        trainer.train(resume_from_checkpoint=resume)
     except ConfigError as err:
         raise UserError(str(err)) from None
     trainer.save_model(training_args.output_dir)

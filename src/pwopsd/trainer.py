@@ -29,13 +29,24 @@ from typing import Any, ClassVar
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import disable_dropout_in_model
 
 from pwopsd.batch import distillation_batch_from_collated, prompt_token_lists
+from pwopsd.checkpoints import (
+    CheckpointLayout,
+    begin_checkpoint,
+    checkpoint_folders,
+    checkpoint_problem,
+    describe_skipped,
+    finish_checkpoint,
+    last_complete_checkpoint,
+    rotate_checkpoints,
+)
 from pwopsd.chunked_loss import chunked_distillation_loss
 from pwopsd.collator import SelfDistillationDataCollator
 from pwopsd.config import ConfigError, OPSDConfig
@@ -64,6 +75,9 @@ class _OPSDCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._on_optimizer_step_end()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._on_train_end()
 
 
 def _check_method(args: OPSDConfig) -> None:
@@ -447,6 +461,18 @@ class OPSDTrainer(SFTTrainer):
         if self.ema_teacher is not None and self._resume_dir is not None:
             restore_ema_teacher(self.ema_teacher, self._resume_dir)
 
+    def _on_train_end(self) -> None:
+        """Summarise the prompts the collator cut to --max_length (counted in this process's collator)."""
+        rows = getattr(self.data_collator, "truncated_rows", 0)
+        if rows:
+            logger.warning(
+                "%d prompt row(s) were longer than --max_length %s and were cut (longest: %d tokens)%s",
+                rows,
+                self.args.max_length,
+                self.data_collator.longest_prompt,
+                "" if self.accelerator.num_processes == 1 else f" in process {self.accelerator.process_index}",
+            )
+
     def _on_optimizer_step_end(self) -> None:
         if self.ema_teacher is not None:
             self.ema_teacher.update()
@@ -465,20 +491,90 @@ class OPSDTrainer(SFTTrainer):
         path = out_dir / f"generations_step_{step}.json"
         atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1), fsync=False)
 
+    # --- checkpoints and resume (pwopsd.checkpoints) ------------------------------------------------------------------
+    @property
+    def checkpoint_layout(self) -> CheckpointLayout:
+        """The files a resume of this run reads from a checkpoint (what makes one complete)."""
+        return CheckpointLayout(
+            adapter=is_peft_model(self.accelerator.unwrap_model(self.model)),
+            ema=self.ema_teacher is not None,
+            world_size=self.args.world_size,
+            deepspeed=self.is_deepspeed_enabled,
+            full_state=not self.args.save_only_model,
+        )
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint plus `ema_teacher.pt`, between the `.pwopsd_saving` and `.pwopsd_complete` markers.
+
+        The Trainer's own rotation (`--save_total_limit`) is suspended during its save and run once the new checkpoint
+        is complete, over complete checkpoints only: a kill during the save never leaves the run without one.
+        """
+        run_dir = self._get_output_dir(trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            begin_checkpoint(folder)
+        self.accelerator.wait_for_everyone()  # no process writes into the folder before it is fresh
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.ema_teacher is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             save_ema_teacher(self.ema_teacher, folder)
+        self.accelerator.wait_for_everyone()  # every process's files (RNG state, DeepSpeed shards) are written
+        if self.args.should_save:
+            finish_checkpoint(folder, self.state.global_step)
+            for deleted in rotate_checkpoints(
+                run_dir, limit, self.checkpoint_layout, keep=(folder, self.state.best_model_checkpoint)
+            ):
+                logger.info("deleted %s (--save_total_limit %s)", deleted, limit)
+
+    def _resolve_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """`True` (`--resume_from_checkpoint last`): the newest COMPLETE checkpoint of output_dir, skipping (with one
+        warning, without deleting) incomplete ones; when every one is incomplete, train from step 0. A folder given
+        by name must be complete."""
+        layout = self.checkpoint_layout
+        main = self.accelerator.is_main_process
+        if resume_from_checkpoint is True:
+            output_dir = self.args.output_dir
+            if not checkpoint_folders(output_dir):
+                raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+            folder, skipped = last_complete_checkpoint(output_dir, layout)
+            if main and skipped:
+                then = f"resuming from {folder.name}" if folder else "training starts from step 0"
+                logger.warning("skipping incomplete checkpoint(s) %s: %s", describe_skipped(skipped), then)
+            return None if folder is None else str(folder)
+        if not resume_from_checkpoint:
+            return None
+        problem = checkpoint_problem(resume_from_checkpoint, layout)
+        if problem:
+            raise ConfigError(
+                f"--resume_from_checkpoint {resume_from_checkpoint} is incomplete: {problem}; pass 'last' to resume "
+                "from the newest complete checkpoint"
+            )
+        return str(resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`; `resume_from_checkpoint=True` picks the last checkpoint of output_dir."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
-        self._resume_dir = resume_from_checkpoint or None
+        """`Trainer.train` from a complete checkpoint; `resume_from_checkpoint=True` picks the newest complete one."""
+        resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint)
+        if resume_from_checkpoint and self.accelerator.is_main_process:
+            logger.info("resuming from %s", resume_from_checkpoint)
+        self._resume_dir = resume_from_checkpoint
+        if resume_from_checkpoint and self._already_finished(resume_from_checkpoint):
+            return None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _already_finished(self, checkpoint: str) -> bool:
+        """A checkpoint at `--max_steps` (a run killed after its last save) has nothing left to train: load its
+        weights for the final save. `Trainer.train` would run one more optimizer step (at learning rate 0, but it
+        would update the EMA teacher and write `checkpoint-{max_steps + 1}`)."""
+        step = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME)).global_step
+        if self.args.max_steps <= 0 or step < self.args.max_steps:
+            return False
+        if self.accelerator.is_main_process:
+            logger.info("%s is at step %d = --max_steps: nothing left to train", checkpoint, step)
+        self._load_from_checkpoint(checkpoint)
+        return True
 
 
 EAOPSDTrainer = OPSDTrainer
