@@ -227,16 +227,59 @@ pw_merged_is_valid() {
   return 0
 }
 
+# True when folder $1 holds a checkpoint-* entry (the folder name is matched literally, never as a pattern).
+pw_has_checkpoints() {
+  local f
+  for f in "$1"/checkpoint-*; do
+    if [[ -e "$f" ]]; then return 0; fi
+  done
+  return 1
+}
+
 # A PEFT adapter folder written by save_pretrained.
 pw_adapter_exists() {
   [[ -f "$1/adapter_config.json" && -s "$1/adapter_model.safetensors" ]]
 }
 
+# Checkpoints to merge, into PW_CKPTS: EVAL_CHECKPOINTS (a sweep, e.g. "25 50 75 100 125 150"), or the single
+# EVAL_CHECKPOINT when it is unset or empty. Each must be saved: a multiple of PW_SAVE_STEPS or MAX_STEPS, <= MAX_STEPS.
+# The list is split with `read` (no globbing): a `*` is refused, never expanded.
+PW_CKPTS=()
+pw_parse_checkpoints() {
+  local eval_ckpt=$1 max_steps=$2 raw="${EVAL_CHECKPOINTS:-}" token n
+  local -a tokens=()
+  PW_CKPTS=()
+  if [[ -z "${raw//[[:space:]]/}" ]]; then
+    PW_CKPTS=("$eval_ckpt")
+    return 0
+  fi
+  read -r -a tokens <<<"$raw"
+  for token in "${tokens[@]}"; do
+    if [[ ! "$token" =~ ^[0-9]+$ ]] || ((10#$token == 0)); then
+      pw_die "EVAL_CHECKPOINTS='${raw}': '${token}' is not a positive integer (separate the steps with spaces, e.g. EVAL_CHECKPOINTS=\"25 50 100\")"
+    fi
+    n=$((10#$token))
+    ((n <= max_steps)) || pw_die "EVAL_CHECKPOINTS='${raw}': ${n} is beyond MAX_STEPS=${max_steps}: no such checkpoint will exist"
+    ((n % PW_SAVE_STEPS == 0 || n == max_steps)) ||
+      pw_die "EVAL_CHECKPOINTS='${raw}': ${n} is not saved: checkpoints are every ${PW_SAVE_STEPS} steps and at MAX_STEPS=${max_steps}"
+    [[ " ${PW_CKPTS[*]} " != *" ${n} "* ]] || pw_die "EVAL_CHECKPOINTS='${raw}' lists ${n} twice"
+    PW_CKPTS+=("$n")
+  done
+}
+
+# The run name of checkpoint $2 of run $1: the protocol's checkpoint $3 (EVAL_CHECKPOINT) keeps the run's own name,
+# the others of a sweep are {NAME}_ckpt{N} (merged into {NAME}_ckpt{N}_merged, evaluated as run_eval.sh {NAME}_ckpt{N}).
+pw_ckpt_name() {
+  if (($2 == $3)); then echo "$1"; else echo "$1_ckpt$2"; fi
+}
+
 # ---------------------------------------------------------------------------------------------------------------
-# The training job: train → merge checkpoint-${EVAL_CHECKPOINT} → validate → sentinels
+# The training job: train → merge checkpoint-${EVAL_CHECKPOINT} (or each of EVAL_CHECKPOINTS) → validate → sentinels
 # (docs/architecture.md#training-launchers).
-# Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT, RESUME;
-# multi-node: ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
+# Environment overrides: MODEL, NUM_GPUS (total processes), OUTPUT_ROOT, MAX_STEPS, EVAL_CHECKPOINT, EVAL_CHECKPOINTS,
+# RESUME; multi-node: ACCELERATE_CONFIG, NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
+# A merge only ever writes a folder that does not exist: a valid merged folder is kept (skip), an invalid one is
+# deleted first, so code/merge_lora.py never needs --overwrite here.
 # ---------------------------------------------------------------------------------------------------------------
 pw_train_and_merge() {
   local run_tag=$1 method=$2
@@ -260,6 +303,7 @@ pw_train_and_merge() {
   ((eval_ckpt <= max_steps)) || pw_die "EVAL_CHECKPOINT=${eval_ckpt} is beyond MAX_STEPS=${max_steps}: no such checkpoint will exist"
   ((eval_ckpt % PW_SAVE_STEPS == 0 || eval_ckpt == max_steps)) ||
     pw_die "EVAL_CHECKPOINT=${eval_ckpt} is not saved: checkpoints are every ${PW_SAVE_STEPS} steps and at MAX_STEPS"
+  pw_parse_checkpoints "$eval_ckpt" "$max_steps"
   local resume="${RESUME:-1}"
   [[ "$resume" == 0 || "$resume" == 1 ]] || pw_die "RESUME=${resume} is not valid: use 1 (resume an interrupted run, the default) or 0 (start over)"
   ((machine_rank < num_machines)) || pw_die "MACHINE_RANK=${machine_rank} must be below NUM_MACHINES=${num_machines}"
@@ -285,7 +329,10 @@ pw_train_and_merge() {
   fi
   accel_args+=(--gradient_accumulation_steps "$grad_accum" --main_process_port "$port")
 
-  pw_log "${name}: ${model}, ${num_gpus} GPU(s) × ${per_device} per device × GA ${grad_accum} = ${PW_GLOBAL_BATCH} prompts/step, ${max_steps} steps, merge checkpoint-${eval_ckpt}"
+  local ckpt_list
+  printf -v ckpt_list 'checkpoint-%s ' "${PW_CKPTS[@]}"
+  ckpt_list=${ckpt_list% }
+  pw_log "${name}: ${model}, ${num_gpus} GPU(s) × ${per_device} per device × GA ${grad_accum} = ${PW_GLOBAL_BATCH} prompts/step, ${max_steps} steps, merge ${ckpt_list}"
   if pw_dry_run; then pw_print_cmd cd "$REPO_ROOT"; fi
   cd "$REPO_ROOT"
   pw_export_defaults
@@ -293,8 +340,7 @@ pw_train_and_merge() {
 
   local method_args=()
   IFS=$'\t' read -r -a method_args <<<"${PW_METHOD_ARGS[$method]}"
-  local output_dir="${output_root}/${name}" merged="${output_root}/${name}_merged"
-  local ckpt="${output_dir}/checkpoint-${eval_ckpt}"
+  local output_dir="${output_root}/${name}"
   local train_args=(
     --model_name_or_path "$model" --method "$method"
     --per_device_train_batch_size "$per_device" --gradient_accumulation_steps "$grad_accum"
@@ -311,22 +357,40 @@ pw_train_and_merge() {
     --wandb_project "$WANDB_PROJECT" --output_dir "$output_dir" --run_config "$name"
   )
 
-  # Skip logic: a valid merged folder means training and merge are done; an invalid one is deleted.
-  if [[ -d "$merged" ]]; then
-    if pw_merged_is_valid "$merged"; then
-      pw_log "skip: ${merged} is a valid merged model; only the sentinels are rewritten (delete it to redo the run)"
-      ((machine_rank == 0)) || return 0
-      pw_write_sentinel "${merged}/.complete"
-      pw_write_sentinel "${output_root}/.${name}_ready_for_eval"
-      return 0
+  # Skip logic, per checkpoint: a valid merged folder is kept (only its sentinels are rewritten), an invalid one is
+  # deleted. With every merged folder valid, training and merges are done.
+  local n label merged ckpt
+  local -a todo=()
+  for n in "${PW_CKPTS[@]}"; do
+    label="$(pw_ckpt_name "$name" "$n" "$eval_ckpt")"
+    merged="${output_root}/${label}_merged"
+    if [[ -d "$merged" ]]; then
+      if pw_merged_is_valid "$merged"; then
+        pw_log "skip: ${merged} is a valid merged model; only the sentinels are rewritten (delete it to redo the run)"
+        continue
+      fi
+      pw_log "${merged} exists but is not a valid merged model: deleting it"
+      pw_run rm -rf -- "$merged"
     fi
-    pw_log "${merged} exists but is not a valid merged model: deleting it"
-    pw_run rm -rf -- "$merged"
+    todo+=("$n")
+  done
+  if ((${#todo[@]} == 0)); then
+    ((machine_rank == 0)) || return 0
+    for n in "${PW_CKPTS[@]}"; do
+      label="$(pw_ckpt_name "$name" "$n" "$eval_ckpt")"
+      pw_write_sentinel "${output_root}/${label}_merged/.complete"
+      pw_write_sentinel "${output_root}/.${label}_ready_for_eval"
+    done
+    return 0
   fi
 
-  # A finished training run (final adapter + the evaluated checkpoint) is not repeated: only the merge is redone.
-  if pw_adapter_exists "$output_dir" && pw_adapter_exists "$ckpt"; then
-    pw_log "skip training: ${output_dir} holds the final adapter and checkpoint-${eval_ckpt} (delete it to retrain)"
+  # A finished training run (final adapter + every checkpoint still to merge) is not repeated: only merges are redone.
+  local trained=1 todo_list
+  pw_adapter_exists "$output_dir" || trained=0
+  for n in "${todo[@]}"; do pw_adapter_exists "${output_dir}/checkpoint-${n}" || trained=0; done
+  printf -v todo_list 'checkpoint-%s ' "${todo[@]}"
+  if ((trained)); then
+    pw_log "skip training: ${output_dir} holds the final adapter and ${todo_list% } (delete it to retrain)"
   else
     if ! pw_dry_run; then
       command -v accelerate >/dev/null || pw_die "accelerate is not on PATH: activate the conda env 'pwopsd' (environment.yml) or set PWOPSD_VENV"
@@ -334,7 +398,7 @@ pw_train_and_merge() {
       mkdir -p "$output_root"
     fi
     # An interrupted run resumes from its last checkpoint (optimizer, scheduler and RNG state) unless RESUME=0.
-    if compgen -G "${output_dir}/checkpoint-*" >/dev/null && [[ "$resume" == 1 ]]; then
+    if pw_has_checkpoints "$output_dir" && [[ "$resume" == 1 ]]; then
       pw_log "resuming from the last checkpoint in ${output_dir} (RESUME=0 starts over)"
       train_args+=(--resume_from_checkpoint last)
     fi
@@ -345,12 +409,21 @@ pw_train_and_merge() {
     pw_log "machine rank ${machine_rank}: training done; machine rank 0 merges and writes the sentinels"
     return 0
   fi
-  pw_dry_run || pw_adapter_exists "$ckpt" || pw_die "${ckpt} has no adapter (adapter_config.json + adapter_model.safetensors): training did not save step ${eval_ckpt}"
-  pw_run python code/merge_lora.py "$model" "$ckpt" "$merged"
-  if ! pw_dry_run; then
-    pw_merged_is_valid "$merged" || pw_die "${merged} is not a valid merged model after the merge (needs config.json, non-empty *.safetensors, a tokenizer file)"
-  fi
-  pw_write_sentinel "${merged}/.complete"
-  pw_write_sentinel "${output_root}/.${name}_ready_for_eval"
-  if pw_dry_run; then pw_log "dry run: nothing was run"; else pw_log "${name}: ready for eval (${merged})"; fi
+  local merged_list=""
+  for n in "${PW_CKPTS[@]}"; do
+    label="$(pw_ckpt_name "$name" "$n" "$eval_ckpt")"
+    merged="${output_root}/${label}_merged"
+    ckpt="${output_dir}/checkpoint-${n}"
+    merged_list+="${merged_list:+ }${merged}"
+    if [[ " ${todo[*]} " == *" ${n} "* ]]; then
+      pw_dry_run || pw_adapter_exists "$ckpt" || pw_die "${ckpt} has no adapter (adapter_config.json + adapter_model.safetensors): training did not save step ${n}"
+      pw_run python code/merge_lora.py "$model" "$ckpt" "$merged"
+      if ! pw_dry_run; then
+        pw_merged_is_valid "$merged" || pw_die "${merged} is not a valid merged model after the merge (needs config.json, non-empty *.safetensors, a tokenizer file)"
+      fi
+    fi
+    pw_write_sentinel "${merged}/.complete"
+    pw_write_sentinel "${output_root}/.${label}_ready_for_eval"
+  done
+  if pw_dry_run; then pw_log "dry run: nothing was run"; else pw_log "${name}: ready for eval (${merged_list})"; fi
 }

@@ -46,7 +46,8 @@ source "$REPO_ROOT/launchers/setup_venv.sh"
 ALL_METHODS="$(python -m pwopsd list methods)" || { echo "run_demo.sh: cannot read the method list (python -m pwopsd list methods)" >&2; exit 1; }
 ALL_METHODS="${ALL_METHODS//$'\n'/ }"
 METHODS="${METHODS:-$ALL_METHODS}"
-for m in $METHODS; do
+read -r -a METHOD_LIST <<<"$METHODS" # split on spaces only: a `*` in --methods is a name, never a file pattern
+for m in "${METHOD_LIST[@]}"; do
   [[ " $ALL_METHODS " == *" $m "* ]] || { echo "run_demo.sh: unknown method '$m' in --methods ($ALL_METHODS)" >&2; exit 2; }
 done
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
@@ -83,7 +84,7 @@ evaluate() { # evaluate MODEL_DIR RUN_NAME
 }
 
 evaluate "$BASE" "${TAG}_base"
-for method in $METHODS; do
+for method in "${METHOD_LIST[@]}"; do
   run="$OUT/${TAG}_${method}"
   if [[ ! -f "${run}_merged/config.json" ]]; then
     stage "train $method: $STEPS steps on $(basename "$PWOPSD_TRAIN_DATASET") -> $run"
@@ -95,6 +96,7 @@ for method in $METHODS; do
       --fixed_teacher --temperature 1.1 --top_p 0.95 --top_k 20 --lmbda 1 --beta 0 --jsd_token_clip 0.05 \
       --logging_steps 1 --report_to none --torch_dtype float32 --reopold_t_switch 2
     stage "merge $method: $run/checkpoint-$STEPS -> ${run}_merged"
+    rm -rf -- "${run}_merged" # no config.json: not a finished merge (merge_lora.py only writes a folder that is absent)
     python code/merge_lora.py "$BASE" "$run/checkpoint-$STEPS" "${run}_merged"
   fi
   evaluate "${run}_merged" "${TAG}_${method}"

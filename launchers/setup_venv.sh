@@ -8,6 +8,12 @@ set -Eeuo pipefail
 SETUP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PWOPSD_VENV:-$SETUP_ROOT/.venv}"
 if [[ ! -x "$VENV/bin/python" ]]; then
+  # Python's venv writes this path inside double quotes in bin/activate (unescaped before 3.11.11/3.12.8/3.13.1,
+  # CVE-2024-9287): sourcing it would run a $(...) or `...` held in the path.
+  if [[ "$VENV" == *[\$\`\"\\]* ]]; then
+    echo "[setup] error: PWOPSD_VENV='$VENV' holds \$, a backtick, a double quote or a backslash, which bin/activate would run or break: choose a plain path" >&2
+    exit 2
+  fi
   echo "[setup] creating $VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
 fi

@@ -63,3 +63,16 @@ def test_demo_methods_come_from_the_registry() -> None:
                           capture_output=True, text=True)  # fmt: skip
     expected = f"run_demo.sh: unknown method 'sft' in --methods ({' '.join(METHODS)})"
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == expected
+
+
+def test_demo_methods_are_names_never_patterns_or_code(tmp_path) -> None:
+    """--methods is split on spaces only: a `*` is not expanded to file names, `$(...)` and backticks never run."""
+    canary = tmp_path / "canary"
+    env = {**os.environ, "CANARY": str(canary)}
+    for methods, shown in (("opsd *", "*"), ('$(touch "$CANARY") `touch "$CANARY"`', "$(touch")):
+        proc = subprocess.run(["bash", "launchers/run_demo.sh", "--methods", methods], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+            f"run_demo.sh: unknown method '{shown}' in --methods"
+        )
+    assert not canary.exists()

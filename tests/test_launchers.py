@@ -18,8 +18,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,15 @@ def write_script(path: Path, text: str) -> None:
     path.chmod(0o755)
 
 
+def make_fake_venv(venv: Path, python: str | None = None) -> None:
+    """A venv whose activation leaves a marker and puts bin/ first on PATH; bin/python is `python` (a script) or
+    this interpreter."""
+    (venv / "bin").mkdir(parents=True)
+    bin_dir = shlex.quote(str(venv / "bin"))
+    (venv / "bin" / "activate").write_text(f'echo activated >> "$HOME/activations"\nPATH={bin_dir}:"$PATH"\n')
+    write_script(venv / "bin" / "python", python or f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path) -> dict[str, Path]:
     """A HOME, a working directory outside the repo, a fake venv, a fakes folder.
@@ -90,11 +101,9 @@ def sandbox(tmp_path: Path) -> dict[str, Path]:
     this interpreter, which has pwopsd (the launchers read the method and benchmark lists with it).
     """
     home, work, venv, fakes = (tmp_path / d for d in ("home", "work", "venv", "fakes"))
-    for d in (home, work, venv / "bin", fakes):
+    for d in (home, work, fakes):
         d.mkdir(parents=True)
-    bin_dir = shlex.quote(str(venv / "bin"))
-    (venv / "bin" / "activate").write_text(f'echo activated >> "$HOME/activations"\nPATH={bin_dir}:"$PATH"\n')
-    write_script(venv / "bin" / "python", f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    make_fake_venv(venv)
     assert shutil.which("conda", path=SYSTEM_PATH) is None, "these tests need a PATH without conda"
     return {"home": home, "work": work, "venv": venv, "fakes": fakes, "tmp": tmp_path}
 
@@ -481,17 +490,23 @@ def test_launcher_arguments_parse_with_the_real_trainer_cli(sandbox):
 
 FAKE_ACCELERATE = r"""#!/usr/bin/env bash
 # Fake `accelerate` (DeepSpeed + vLLM cannot run here): records its arguments and saves a real LoRA adapter for the
-# model it was given at checkpoint-100 and at the end of training, as the trainer would.
+# model it was given at checkpoint-N for each N of $FAKE_CKPTS (default 100) and at the end of training, as the
+# trainer would; each checkpoint holds different weights.
 echo "$*" >> "$HOME/accelerate_calls"
 exec python - "$@" <<'PY'
-import sys
+import os, sys, torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1]
 model = AutoModelForCausalLM.from_pretrained(value("--model_name_or_path"))
 peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-peft.save_pretrained(value("--output_dir") + "/checkpoint-100")
+for step in os.environ.get("FAKE_CKPTS", "100").split():
+    torch.manual_seed(int(step))
+    for name, param in peft.named_parameters():
+        if "lora_" in name:
+            param.data.normal_()
+    peft.save_pretrained(value("--output_dir") + f"/checkpoint-{step}")
 peft.save_pretrained(value("--output_dir"))
 PY
 """
@@ -591,12 +606,16 @@ def test_run_eval_hostlabel_defaults_to_worker(sandbox):
         (("qwen3_4b_base_opsd", "aime24", "four"), "tp 'four' is not a positive integer"),
         (("qwen3_4b_base_opsd", "aime24", "4", "-1"), "seed '-1' is not a non-negative integer"),
         (("qwen3_4b_base_opsd", "aime24", "4", "1.5"), "seed '1.5' is not a non-negative integer"),
+        (("qwen3_4b_base_opsd_ckpt050", "aime24"), "checkpoint '050' in 'qwen3_4b_base_opsd_ckpt050' is not a "),
+        (("qwen3_4b_base_opsd_ckpt", "aime24"), "unknown method_name 'qwen3_4b_base_opsd_ckpt'"),
+        (("qwen3_4b_base_grpo_ckpt25", "aime24"), "unknown method_name 'qwen3_4b_base_grpo_ckpt25'"),
+        (("qwen3_4b_base_opsd_ckpt25x", "aime24"), "unknown method_name 'qwen3_4b_base_opsd_ckpt25x'"),
     ],
 )
 def test_run_eval_rejects_bad_arguments(sandbox, args, message):
     proc = run(sandbox, "run_eval.sh", *args, WANDB_MODE="offline", DRY_RUN="1")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines()[0] == f"[pwopsd] error: {message}"
+    assert proc.stderr.splitlines()[0].startswith(f"[pwopsd] error: {message}")
     assert proc.stderr.splitlines()[1].startswith("usage: bash launchers/run_eval.sh <method_name> <dataset>")
 
 
@@ -649,7 +668,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 if [[ "${1:-}" != eval/evaluate_math.py ]]; then exec "$REAL_PYTHON" "$@"; fi
 echo "$*" >> "$HOME/eval_calls"
 exec "$REAL_PYTHON" - "$@" <<'PY'
-import json, os, sys
+import json, os, sys, time
 args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1] if flag in args else None
 n = {"math500": 500}.get(value("--dataset"), 30)
@@ -663,6 +682,13 @@ result = {
     "pass_at_n": 1, "pass_at_n_pct": 50.0, "average_at_n": 3, "average_at_n_pct": 25.0, "majority_vote_at_n": 1,
     "majority_vote_at_n_pct": 40.0, "formatted_count": 12 * n, "format_rate": 100.0, "results": [{}] * n,
 }
+if os.environ.get("FAKE_EVAL_WAIT"):  # a long evaluation: runs until the file $FAKE_EVAL_WAIT exists
+    pid_file = os.path.join(os.environ["HOME"], "eval_pid")
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {os.getpgid(0)}")
+    os.replace(pid_file + ".tmp", pid_file)
+    while not os.path.exists(os.environ["FAKE_EVAL_WAIT"]):
+        time.sleep(0.05)
 print("evaluating ... done")
 partial = value("--output_file") + ".partial.jsonl"
 if os.path.exists(partial):  # what the real evaluator resumes from, and deletes once the result is written
@@ -950,7 +976,7 @@ done
     proc = run(sandbox, "run_eval.sh", WANDB_MODE="offline", DRY_RUN="1")
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[2] == (
-        f"  method_name: {{qwen3_4b_base|dsr1_l8b|olmo3_7b_think}}_{{{'|'.join(METHODS)}}}; "
+        f"  method_name: {{qwen3_4b_base|dsr1_l8b|olmo3_7b_think}}_{{{'|'.join(METHODS)}}}[_ckpt{{N}}]; "
         f"dataset: {'|'.join(BENCHMARKS)}"
     )
 
@@ -999,6 +1025,361 @@ def test_real_run_reads_the_lists_with_the_activated_environment(sandbox):
     assert proc.stdout == "opsd eopd pwopsd reopold\n"
     assert (sandbox["home"] / "activations").read_text() == "activated\n"
     assert marker.read_text() == "-m pwopsd launcher-config\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run_eval.sh: killed runs, adoption of a finished result
+# ---------------------------------------------------------------------------------------------------------------
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat, None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` runs (zombies left to a non-reaping PID 1 do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+        time.sleep(0.05)
+
+
+def lock_is_free(lock: Path) -> bool:
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def start_eval(box, **env: str) -> subprocess.Popen:
+    """run_eval.sh in the background (output to files: an orphaned evaluator may keep them open)."""
+    full_env = {"HOME": str(box["home"]), "PATH": box["path"], "LANG": "C.UTF-8", "PWOPSD_VENV": str(box["venv"]),
+                **box["env"], "FAKE_EVAL": "good", **env}  # fmt: skip
+    with open(box["tmp"] / "launcher.out", "w") as out, open(box["tmp"] / "launcher.err", "w") as err:
+        return subprocess.Popen(["bash", str(LAUNCHERS / "run_eval.sh"), "qwen3_4b_base_pwopsd", "aime25", "4", "3"],
+                                cwd=box["work"], env=full_env, stdout=out, stderr=err)  # fmt: skip
+
+
+def started_evaluator(box) -> tuple[int, int]:
+    """Wait for the fake evaluator to run; its (pid, process group)."""
+    pid_file = box["home"] / "eval_pid"
+    wait_until(pid_file.exists)
+    pid, pgid = (int(x) for x in pid_file.read_text().split())
+    return pid, pgid
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_run_eval_signal_stops_the_evaluator_and_releases_the_lock(eval_sandbox, sig, code):
+    box = eval_sandbox
+    proc = start_eval(box, FAKE_EVAL_WAIT=str(box["tmp"] / "never"))
+    pid, pgid = started_evaluator(box)
+    lock = Path(str(box["outfile"]) + ".lock")
+    assert pgid == pid and os.getpgid(proc.pid) != pgid  # the evaluator has its own process group
+    assert not lock_is_free(lock)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    assert not group_alive(pgid) and process_state(pid) in (None, "Z", "X")  # no evaluator, no tee survives
+    assert lock_is_free(lock)
+    stderr = (box["tmp"] / "launcher.err").read_text()
+    assert f"received SIG{sig.name.removeprefix('SIG')}: stopping the evaluator" in stderr
+    assert not box["outfile"].exists() and eval_calls(box) == 1
+    if sig == signal.SIGTERM:  # nothing finished: the next run evaluates
+        proc = run_eval_real(box, "good")
+        assert proc.returncode == 0, proc.stderr
+        assert eval_calls(box) == 2 and "adopted" not in proc.stderr and box["outfile"].exists()
+
+
+def test_run_eval_killed_shell_leaves_a_result_the_next_run_adopts(eval_sandbox):
+    """SIGKILL cannot be trapped: the evaluator finishes on its own, holding the lock, and the next run adopts it."""
+    box = eval_sandbox
+    release = box["tmp"] / "release"
+    proc = start_eval(box, FAKE_EVAL_WAIT=str(release))
+    _, pgid = started_evaluator(box)
+    lock = Path(str(box["outfile"]) + ".lock")
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert group_alive(pgid) and not lock_is_free(lock)
+    proc2 = run_eval_real(box, "good")  # while the orphan runs, the output stays locked: no duplicate evaluation
+    assert proc2.returncode == 0 and "is held by another worker" in proc2.stderr and eval_calls(box) == 1
+    release.touch()
+    wait_until(lambda: not group_alive(pgid))
+    assert lock_is_free(lock)
+    tmp = Path(f"{box['outfile']}.tmp.pytest.{proc.pid}")
+    assert tmp.is_file() and not box["outfile"].exists()  # finished, never validated or moved
+    proc3 = run_eval_real(box, "good")
+    assert proc3.returncode == 0, proc3.stderr
+    assert f"adopted {tmp}" in proc3.stderr and eval_calls(box) == 1  # no second evaluation
+    result = json.loads(box["outfile"].read_text())
+    assert result["seed"] == 3 and result["val_n"] == 12 and not tmp.exists()
+    assert not list(box["results"].glob("*.tmp.*"))
+
+
+def test_run_eval_adopts_only_a_valid_result_newer_than_the_merge(eval_sandbox):
+    box = eval_sandbox
+    box["outfile"].parent.mkdir()
+    ready = (box["out_root"] / ".qwen3_4b_base_pwopsd_ready_for_eval").stat().st_mtime
+    good = json.dumps(good_result("aime25", base_model=f"{box['out_root']}/qwen3_4b_base_pwopsd_merged", seed=3))
+    stem = f"{box['outfile']}.tmp."
+    files = {  # name: (content, written relative to the merge)
+        "old.201": (good.replace('"pass_at_n_pct": 10.0', '"pass_at_n_pct": 77.0'), -100),  # before the merge
+        "node.a.202": (good, 100),  # valid
+        "node-b.203": (good[:200], 200),  # the newest, truncated
+        "node.204.partial.jsonl": ("{}\n", 300),  # a partial file is not a result
+    }
+    for name, (text, offset) in files.items():
+        Path(stem + name).write_text(text)
+        os.utime(stem + name, (ready + offset,) * 2)
+    Path(stem + "node.a.202.partial.jsonl").write_text("{}\n")  # left when a run was killed before deleting it
+    proc = run_eval_real(box, "good")
+    assert proc.returncode == 0, proc.stderr
+    assert f"adopted {stem}node.a.202" in proc.stderr and eval_calls(box) == 0
+    assert json.loads(box["outfile"].read_text())["pass_at_n_pct"] == 10.0
+    assert Path(stem + "node-b.203.invalid").read_text() == good[:200]
+    assert Path(stem + "old.201").exists() and Path(stem + "node.204.partial.jsonl").exists()  # not touched
+    assert not Path(stem + "node.a.202.partial.jsonl").exists()
+    # Only an invalid leftover: it is moved aside and the evaluator runs.
+    box["outfile"].unlink()
+    Path(stem + "x.205").write_text("[]")
+    os.utime(stem + "x.205", (ready + 400,) * 2)
+    Path(stem + "node.204.partial.jsonl").unlink()
+    proc = run_eval_real(box, "good")
+    assert proc.returncode == 0 and eval_calls(box) == 1 and Path(stem + "x.205.invalid").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and names are data: quotes, spaces, $(...) and backticks are never executed
+# ---------------------------------------------------------------------------------------------------------------
+HOSTILE = """bob's "dir" $(touch "$CANARY") `touch "$CANARY"` ';touch "$CANARY";'"""
+
+
+def test_dry_run_quotes_hostile_paths_and_names(sandbox):
+    root = sandbox["tmp"] / HOSTILE
+    canary = sandbox["tmp"] / "canary"
+    venv = root / "venv"
+    make_fake_venv(venv)
+    env = {"WANDB_MODE": "offline", "DRY_RUN": "1", "CANARY": str(canary), "MODEL": HOSTILE,
+           "OUTPUT_ROOT": str(root / "runs"), "ACCELERATE_CONFIG": HOSTILE, "WANDB_PROJECT": HOSTILE,
+           "HF_HOME": str(root / "hf"), "PWOPSD_VENV": str(venv), "EVAL_CHECKPOINTS": "50 100"}  # fmt: skip
+    for prefix, method in LAUNCHER_CASES:
+        name = f"{MODELS[prefix][0]}_{method}"
+        lines = stdout_lines(run(sandbox, f"run_{prefix}_{method}_train.sh", **env))
+        assert find_line(lines, "source ") == ["source", f"{venv}/bin/activate"]
+        assert find_line(lines, "export HF_HOME=") == ["export", f"HF_HOME={root}/hf"]
+        accelerate, script = split_train_command(find_line(lines, "accelerate launch"))
+        assert accelerate["--config_file"] == [HOSTILE]
+        assert script["--model_name_or_path"] == script["--wandb_project"] == [HOSTILE]
+        assert script["--output_dir"] == [f"{root}/runs/{name}"]
+        merges = [shlex.split(line)[2:] for line in lines if line.startswith("python code/merge_lora.py")]
+        runs = f"{root}/runs"
+        assert merges == [
+            [HOSTILE, f"{runs}/{name}/checkpoint-50", f"{runs}/{name}_ckpt50_merged"],
+            [HOSTILE, f"{runs}/{name}/checkpoint-100", f"{runs}/{name}_merged"],
+        ]
+        assert shlex.split(lines[-1]) == ["date", ">", f"{root}/runs/.{name}_ready_for_eval"]
+    env = {**env, "EVAL_RESULTS_DIR": str(root / "bob's results")}
+    lines = stdout_lines(run(sandbox, "run_eval.sh", "dsr1_l8b_pwopsd_ckpt50", "aime24", **env))
+    command = find_line(lines, "NCCL_P2P_DISABLE=1 python eval/evaluate_math.py")
+    assert flag_map(command[3:])["--base_model"] == [f"{root}/runs/dsr1_l8b_pwopsd_ckpt50_merged"]
+    outfile = f"{root}/bob's results/dsr1_l8b_pwopsd_ckpt50_aime24_38k.json"
+    assert shlex.split(lines[-1]) == ["mv", command[-1], outfile]
+    proc = run(sandbox, "run_eval.sh", "dsr1_l8b_pwopsd", "aime24", HOSTLABEL=HOSTILE, **env)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"[pwopsd] error: HOSTLABEL='{HOSTILE}' may only hold letters, digits, '.', '_' and '-'"
+    ]
+    assert not canary.exists() and not root.joinpath("runs").exists()
+
+
+def test_run_eval_real_run_with_hostile_paths(eval_sandbox):
+    """A result folder named "bob's results" (the original bug: exit 2 after a good evaluation) and worse."""
+    box = eval_sandbox
+    root = box["tmp"] / HOSTILE
+    canary = box["tmp"] / "canary"
+    out_root = root / "runs"
+    make_trained(out_root, "qwen3_4b_base_pwopsd")
+    results = root / "bob's results"
+    venv = root / "venv"
+    make_fake_venv(venv, python=FAKE_PYTHON)  # the activated environment's python is the fake evaluator
+    env = {**box["env"], "OUTPUT_ROOT": str(out_root), "EVAL_RESULTS_DIR": str(results), "PWOPSD_VENV": str(venv),
+           "CANARY": str(canary)}  # fmt: skip
+    del env["PWOPSD_PYTHON_ENV"]  # auto: the venv at PWOPSD_VENV is activated
+    outfile = results / "qwen3_4b_base_pwopsd_aime25_38k_seed3.json"
+    for mode, code in (("bad", 1), ("crash", 1), ("good", 0)):
+        proc = run(box, "run_eval.sh", "qwen3_4b_base_pwopsd", "aime25", "4", "3", path=SYSTEM_PATH, FAKE_EVAL=mode,
+                   **env)  # fmt: skip
+        assert proc.returncode == code, proc.stderr
+        assert not canary.exists()
+    assert len(list(results.glob(outfile.name + ".tmp.pytest.*.invalid"))) == 2  # bad and crash, marked invalid
+    assert json.loads(outfile.read_text())["base_model"] == f"{out_root}/qwen3_4b_base_pwopsd_merged"
+    assert eval_calls(box) == 3 and (box["home"] / "activations").read_text() == "activated\n" * 3
+    proc = run(box, "run_eval.sh", "qwen3_4b_base_pwopsd", "aime25", "4", "3", path=SYSTEM_PATH, FAKE_EVAL="good",
+               **env)  # fmt: skip
+    assert proc.returncode == 0 and "exists and is valid" in proc.stderr and not canary.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint sweeps (EVAL_CHECKPOINTS)
+# ---------------------------------------------------------------------------------------------------------------
+SWEEP = ["25", "50", "75", "100", "125", "150"]
+
+
+def sweep_tail(name: str, model: str, steps: list[str], protocol: str = "100", root: str = "outputs") -> list[str]:
+    """The merge and sentinel lines a sweep prints, written out independently of common.sh."""
+    lines = []
+    for step in steps:
+        label = name if step == protocol else f"{name}_ckpt{step}"
+        merge = ["python", "code/merge_lora.py", model, f"{root}/{name}/checkpoint-{step}", f"{root}/{label}_merged"]
+        lines += [
+            shlex.join(merge),
+            f"date > {root}/{label}_merged/.complete",
+            f"date > {root}/.{label}_ready_for_eval",
+        ]  # fmt: skip
+    return lines
+
+
+@pytest.mark.parametrize(("prefix", "method"), [("qwen4b_base", "pwopsd"), ("olmo3_7b_think", "reopold")])
+def test_sweep_dry_run_merges_every_listed_checkpoint(sandbox, prefix, method):
+    run_tag, model_id, *_ = MODELS[prefix]
+    name = f"{run_tag}_{method}"
+    env = {"WANDB_MODE": "offline", "DRY_RUN": "1", "MAIN_PROCESS_PORT": "29555"}
+    plain = stdout_lines(run(sandbox, f"run_{prefix}_{method}_train.sh", **env))
+    proc = run(sandbox, f"run_{prefix}_{method}_train.sh", EVAL_CHECKPOINTS=" ".join(SWEEP), **env)
+    lines = stdout_lines(proc)
+    # One training run (it saves every 25 steps anyway), then a merge and two sentinels per checkpoint.
+    assert lines[:-18] == plain[:-3] and plain[-3:] == sweep_tail(name, model_id, ["100"])
+    assert lines[-18:] == sweep_tail(name, model_id, SWEEP)
+    assert "merge checkpoint-25 checkpoint-50 checkpoint-75 checkpoint-100 checkpoint-125 checkpoint-150" in proc.stderr
+    assert list(sandbox["work"].iterdir()) == [] and list(sandbox["home"].iterdir()) == []
+    # Empty or the protocol's checkpoint alone: the same output as without the variable.
+    for value in ("", "  ", "100"):
+        assert stdout_lines(run(sandbox, f"run_{prefix}_{method}_train.sh", EVAL_CHECKPOINTS=value, **env)) == plain
+
+
+def test_sweep_with_another_protocol_checkpoint_and_a_last_step(sandbox):
+    env = {"WANDB_MODE": "offline", "DRY_RUN": "1", "MAX_STEPS": "60", "EVAL_CHECKPOINT": "50"}
+    lines = stdout_lines(run(sandbox, "run_dsr1_l8b_opsd_train.sh", EVAL_CHECKPOINTS="60 25 050", **env))
+    name, model = "dsr1_l8b_opsd", MODELS["dsr1_l8b"][1]
+    assert lines[-9:] == sweep_tail(name, model, ["60", "25", "50"], protocol="50")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("25,50", "EVAL_CHECKPOINTS='25,50': '25,50' is not a positive integer (separate the steps with spaces"),
+        ("0 25", "EVAL_CHECKPOINTS='0 25': '0' is not a positive integer"),
+        ("25 *", "EVAL_CHECKPOINTS='25 *': '*' is not a positive integer"),
+        ("25 $(touch x)", "EVAL_CHECKPOINTS='25 $(touch x)': '$(touch' is not a positive integer"),
+        ("175", "EVAL_CHECKPOINTS='175': 175 is beyond MAX_STEPS=150: no such checkpoint will exist"),
+        ("110", "EVAL_CHECKPOINTS='110': 110 is not saved: checkpoints are every 25 steps and at MAX_STEPS=150"),
+        ("50 100 50", "EVAL_CHECKPOINTS='50 100 50' lists 50 twice"),
+    ],
+)
+def test_sweep_rejects_bad_checkpoints(sandbox, value, message):
+    for dry_run in ("1", "0"):
+        proc = run(sandbox, "run_qwen4b_base_opsd_train.sh", WANDB_MODE="offline", DRY_RUN=dry_run,
+                   EVAL_CHECKPOINTS=value)  # fmt: skip
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"[pwopsd] error: {message}")
+    assert list(sandbox["work"].iterdir()) == []
+
+
+@pytest.mark.parametrize("dataset", ["math500", "aime24"])
+def test_run_eval_dry_run_names_a_sweep_checkpoint(sandbox, dataset):
+    proc = run(sandbox, "run_eval.sh", "qwen3_4b_base_eopd_ckpt25", dataset, "4", "0", WANDB_MODE="offline",
+               DRY_RUN="1")  # fmt: skip
+    lines = stdout_lines(proc)
+    outfile = expected_outfile("qwen3_4b_base_eopd_ckpt25", dataset, "0")
+    command = find_line(lines, "NCCL_P2P_DISABLE=1 python eval/evaluate_math.py")
+    assert flag_map(command[3:])["--base_model"] == ["outputs/qwen3_4b_base_eopd_ckpt25_merged"]
+    assert re.fullmatch(re.escape(outfile + ".tmp.worker.") + r"\d+", command[-1])
+    assert lines[-1] == shlex.join(["mv", command[-1], outfile])
+    assert f"(log eval_results/logs/qwen3_4b_base_eopd_ckpt25_{dataset}_38k_seed0.worker.log)" in proc.stderr
+
+
+def test_run_eval_sweep_checkpoint_needs_its_own_sentinel(sandbox):
+    out_root = sandbox["tmp"] / "runs"
+    make_trained(out_root, "qwen3_4b_base_opsd")  # the protocol's checkpoint only
+    proc = run(sandbox, "run_eval.sh", "qwen3_4b_base_opsd_ckpt50", "aime24", WANDB_MODE="offline",
+               OUTPUT_ROOT=str(out_root))  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        f"[pwopsd] error: {out_root}/.qwen3_4b_base_opsd_ckpt50_ready_for_eval is missing: qwen3_4b_base_opsd_ckpt50 "
+        "is not trained and merged yet (run: EVAL_CHECKPOINTS=50 bash launchers/run_qwen4b_base_opsd_train.sh; the "
+        "EVAL_CHECKPOINT one (default 100) is evaluated as qwen3_4b_base_opsd)"
+    )
+
+
+@pytest.mark.skipif(
+    not all((REPO / "code" / f).exists() for f in ("merge_lora.py", "accelerate_4gpu.yaml")),
+    reason="code/merge_lora.py or code/accelerate_4gpu.yaml is not written yet",
+)
+def test_real_sweep_with_hostile_paths(sandbox, tiny_model_dir):
+    """A real sweep (fake `accelerate`, real merges) where every path and name holds quotes, $(...) and backticks:
+    one training run, each checkpoint merged from its own adapter, nothing executed, re-runs only redo what is gone."""
+    from safetensors.torch import load_file
+
+    fake = sandbox["fakes"] / "accelerate"
+    write_script(fake, FAKE_ACCELERATE)
+    root = sandbox["tmp"] / HOSTILE
+    canary = sandbox["tmp"] / "canary"
+    model = root / "model"
+    shutil.copytree(tiny_model_dir("qwen3"), model)
+    venv = root / "venv"
+    make_fake_venv(venv)
+    (root / "accelerate.yaml").write_text("{}\n")
+    out_root = root / "runs"
+    env = {"WANDB_MODE": "offline", "OUTPUT_ROOT": str(out_root), "MODEL": str(model), "PWOPSD_VENV": str(venv),
+           "ACCELERATE_CONFIG": str(root / "accelerate.yaml"), "WANDB_PROJECT": HOSTILE, "HF_HOME": str(root / "hf"),
+           "HF_HUB_OFFLINE": "1", "CANARY": str(canary), "EVAL_CHECKPOINTS": "50 100",
+           "FAKE_CKPTS": "50 100"}  # fmt: skip
+    path = f"{sandbox['fakes']}:{SYSTEM_PATH}"
+    calls = sandbox["home"] / "accelerate_calls"
+    name = "qwen3_4b_base_opsd"
+    merged = {"50": out_root / f"{name}_ckpt50_merged", "100": out_root / f"{name}_merged"}
+
+    proc = run(sandbox, "run_qwen4b_base_opsd_train.sh", path=path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert not canary.exists() and len(calls.read_text().splitlines()) == 1
+    for step, folder in merged.items():
+        label = folder.name.removesuffix("_merged")
+        assert (folder / ".complete").is_file() and (out_root / f".{label}_ready_for_eval").is_file()
+        # Naive merge of this checkpoint's adapter: W + (alpha / r) * B @ A, for one projection.
+        adapter = load_file(out_root / name / f"checkpoint-{step}" / "adapter_model.safetensors")
+        a = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].double()
+        b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].double()
+        key = "model.layers.0.self_attn.q_proj.weight"
+        base = load_file(next(model.glob("*.safetensors")))[key].double()
+        got = load_file(next(folder.glob("*.safetensors")))[key].double()
+        expected = base + 2.0 * b @ a
+        assert (got - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+        assert (got - base).abs().max().item() > 0.1  # the adapter did change the weights
+    w50, w100 = (load_file(next(merged[s].glob("*.safetensors"))) for s in ("50", "100"))
+    assert not w50["model.layers.0.self_attn.q_proj.weight"].equal(w100["model.layers.0.self_attn.q_proj.weight"])
+
+    # Everything done: nothing but the sentinels. One merged folder lost: only that merge is redone.
+    proc = run(sandbox, "run_qwen4b_base_opsd_train.sh", path=path, **env)
+    assert proc.returncode == 0 and proc.stderr.count("skip:") == 2 and len(calls.read_text().splitlines()) == 1
+    shutil.rmtree(merged["50"])
+    proc = run(sandbox, "run_qwen4b_base_opsd_train.sh", path=path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "skip training" in proc.stderr and "checkpoint-50 (delete it to retrain)" in proc.stderr
+    assert len(calls.read_text().splitlines()) == 1 and (merged["50"] / ".complete").is_file()
+    assert not canary.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
