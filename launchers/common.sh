@@ -236,9 +236,11 @@ pw_has_checkpoints() {
   return 1
 }
 
-# A PEFT adapter folder written by save_pretrained.
+# A PEFT adapter folder written by save_pretrained. A checkpoint whose save was interrupted (the trainer's
+# .pwopsd_saving marker without .pwopsd_complete) does not count: training runs again and resumes before it.
 pw_adapter_exists() {
-  [[ -f "$1/adapter_config.json" && -s "$1/adapter_model.safetensors" ]]
+  [[ -f "$1/adapter_config.json" && -s "$1/adapter_model.safetensors" ]] || return 1
+  [[ ! -e "$1/.pwopsd_saving" || -e "$1/.pwopsd_complete" ]]
 }
 
 # Checkpoints to merge, into PW_CKPTS: EVAL_CHECKPOINTS (a sweep, e.g. "25 50 75 100 125 150"), or the single

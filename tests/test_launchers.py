@@ -1393,3 +1393,21 @@ def test_shellcheck_clean():
     assert "launchers/common.sh" in scripts and "launchers/run_eval.sh" in scripts
     proc = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_half_saved_checkpoint_is_not_a_trained_adapter(tmp_path):
+    """A checkpoint with the trainer's .pwopsd_saving marker and no .pwopsd_complete was interrupted mid-save."""
+    ckpt = tmp_path / "checkpoint-100"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text("{}")
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+
+    def exists() -> int:
+        script = f'source "{LAUNCHERS}/common.sh"; pw_adapter_exists "$1"'
+        return subprocess.run(["bash", "-c", script, "bash", str(ckpt)], check=False).returncode
+
+    assert exists() == 0  # written before the markers existed: files present
+    (ckpt / ".pwopsd_saving").write_text("")
+    assert exists() == 1  # interrupted save
+    (ckpt / ".pwopsd_complete").write_text("{}")
+    assert exists() == 0  # the save finished
