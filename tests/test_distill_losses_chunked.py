@@ -2,6 +2,8 @@
 
 ``chunked_distillation_loss(hidden, W)`` must equal ``compute_distillation_loss(hidden @ W.T)`` for chunk sizes
 1, 3, T, N (all valid tokens) and more, with a frozen and a trainable LM head, and must never keep [B, T, V] tensors.
+Every test runs on both chunked paths: the fused one (closed-form body, the default) and the autograd one
+(``fused=False``, the fallback); tests/test_fused_loss.py has the fused path's own tests.
 """
 
 from __future__ import annotations
@@ -55,10 +57,15 @@ def dense(method, student, teacher, weight, ids, mask, step, trainable, **hp):
     return loss.detach(), metrics, s.grad, w.grad
 
 
-def chunked(method, student, teacher, weight, ids, mask, step, trainable, chunk_size, **hp):
+PATHS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+
+
+def chunked(method, student, teacher, weight, ids, mask, step, trainable, chunk_size, fused=True, **hp):
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
     w = weight.clone().requires_grad_(trainable)
-    loss, metrics = chunked_distillation_loss(method, s, t, w, ids, mask, chunk_size=chunk_size, global_step=step, **hp)
+    loss, metrics = chunked_distillation_loss(
+        method, s, t, w, ids, mask, chunk_size=chunk_size, global_step=step, fused=fused, compiled=False, **hp
+    )
     loss.backward()
     assert t.grad is None, "the teacher path carries no gradient"
     return loss.detach(), metrics, s.grad, w.grad
@@ -66,12 +73,13 @@ def chunked(method, student, teacher, weight, ids, mask, step, trainable, chunk_
 
 @pytest.mark.parametrize(("method", "step", "hp"), VARIANTS, ids=[f"{m}-{s}-{h}" for m, s, h in VARIANTS])
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen_head", "trainable_head"])
-def test_chunked_equals_dense(method, step, hp, trainable):
+@PATHS
+def test_chunked_equals_dense(method, step, hp, trainable, fused):
     student, teacher, weight, ids = make_hidden(0)
     ref = dense(method, student, teacher, weight, ids, MASK, step, trainable, **hp)
     n_valid = int(MASK.sum())
     for chunk_size in (1, 3, MASK.shape[1], n_valid, 100):
-        got = chunked(method, student, teacher, weight, ids, MASK, step, trainable, chunk_size, **hp)
+        got = chunked(method, student, teacher, weight, ids, MASK, step, trainable, chunk_size, fused, **hp)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
         assert got[1] == pytest.approx(ref[1], rel=1e-12, abs=1e-12)
         torch.testing.assert_close(got[2], ref[2], rtol=1e-10, atol=1e-12)
@@ -84,23 +92,25 @@ def test_chunked_equals_dense(method, step, hp, trainable):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_chunked_float32_and_bf16(method):
+@PATHS
+def test_chunked_float32_and_bf16(method, fused):
     """float32 and bf16 hidden states (the model's dtype): close to the dense path on the same bf16 logits."""
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         student, teacher, weight, ids = make_hidden(1, dtype=dtype)
         ref = dense(method, student, teacher, weight, ids, MASK, 60, True)
-        got = chunked(method, student, teacher, weight, ids, MASK, 60, True, 3)
+        got = chunked(method, student, teacher, weight, ids, MASK, 60, True, 3, fused)
         assert got[0].dtype == torch.float32 and got[2].dtype == dtype and got[3].dtype == dtype
         torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
         torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=tol, atol=tol)
         torch.testing.assert_close(got[3].float(), ref[3].float(), rtol=tol, atol=tol)
-        frozen = chunked(method, student, teacher, weight, ids, MASK, 60, False, 3)
+        frozen = chunked(method, student, teacher, weight, ids, MASK, 60, False, 3, fused)
         torch.testing.assert_close(frozen[2].float(), ref[2].float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen_head", "trainable_head"])
-def test_chunked_never_keeps_full_logits(method, trainable):
+@PATHS
+def test_chunked_never_keeps_full_logits(method, trainable, fused):
     """No tensor saved for backward has the size of the [B, T, V] logits (the dense path saves several)."""
     mask = torch.ones(4, 16, dtype=torch.bool)
     student, teacher, weight, ids = make_hidden(2, mask=mask, vocab=50, hidden=2)
@@ -119,7 +129,10 @@ def test_chunked_never_keeps_full_logits(method, trainable):
         return max(sizes)
 
     s, w = student.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
-    assert largest_saved(lambda: chunked_distillation_loss(method, s, teacher, w, ids, mask, chunk_size=8)) < full / 4
+    assert (
+        largest_saved(lambda: chunked_distillation_loss(method, s, teacher, w, ids, mask, chunk_size=8, fused=fused))
+        < full / 4
+    )
     s = student.clone().requires_grad_()
     assert largest_saved(lambda: compute_distillation_loss(method, s @ weight.T, teacher @ weight.T, ids, mask)) >= full
 
@@ -145,12 +158,12 @@ SETTINGS = settings(max_examples=40, deadline=None)
 
 
 @SETTINGS
-@given(batches(), METHOD_NAMES, st.integers(1, 8), st.sampled_from([0, 100]), st.booleans())
-def test_property_chunked_equals_dense(batch, method, chunk_size, step, trainable):
+@given(batches(), METHOD_NAMES, st.integers(1, 8), st.sampled_from([0, 100]), st.booleans(), st.booleans())
+def test_property_chunked_equals_dense(batch, method, chunk_size, step, trainable, fused):
     mask, vocab, hidden, seed = batch
     student, teacher, weight, ids = make_hidden(seed, mask=mask, vocab=vocab, hidden=hidden)
     ref = dense(method, student, teacher, weight, ids, mask, step, trainable)
-    got = chunked(method, student, teacher, weight, ids, mask, step, trainable, chunk_size)
+    got = chunked(method, student, teacher, weight, ids, mask, step, trainable, chunk_size, fused)
     assert torch.isfinite(ref[0]) and all(math.isfinite(v) for v in ref[1].values())
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-9, atol=1e-12)
