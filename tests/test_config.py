@@ -31,3 +31,30 @@ def test_the_config_checks_loss_flags_with_the_declared_checks(tmp_path, flag, v
     method = "reopold" if flag.startswith("reopold") else "pwopsd"
     with pytest.raises(ConfigError, match=message):
         OPSDConfig(output_dir=str(tmp_path), method=method, **{flag: value})
+
+
+def test_health_flags_are_config_flags_checked_when_the_config_is_built(tmp_path):
+    from pwopsd.health import HealthArguments
+
+    config = OPSDConfig(output_dir=str(tmp_path), method="opsd", health_window=3, stop_on_collapse=True)
+    assert isinstance(config, HealthArguments) and (config.health_window, config.stop_on_collapse) == (3, True)
+    with pytest.raises(ConfigError, match=r"^--health_min_entropy_ratio must be in \(0, 1\)"):
+        OPSDConfig(output_dir=str(tmp_path), method="opsd", health_min_entropy_ratio=1.0)
+
+
+def test_position_schedule_file_sets_the_three_flags(tmp_path):
+    import json
+
+    path = tmp_path / "viability.json"
+    fit = {"scale": 0.7, "w_min": 0.31, "tau": 0.42, "s": 0.07, "cost": 0.0}
+    path.write_text(json.dumps({"settings": {}, "records": [], "summary": {"schedule_fit": fit}}))
+    config = OPSDConfig(output_dir=str(tmp_path), method="pwopsd", position_schedule_from=str(path))
+    assert (config.position_w_min, config.position_tau, config.position_s) == (0.31, 0.42, 0.07)
+    again = dataclasses.replace(config)  # re-validating a config built from the file is not "both given"
+    assert (again.position_w_min, again.position_tau, again.position_s) == (0.31, 0.42, 0.07)
+    with pytest.raises(ConfigError, match=r"^--position_schedule_from .* sets the schedule; drop --position_s$"):
+        OPSDConfig(output_dir=str(tmp_path), method="pwopsd", position_schedule_from=str(path), position_s=0.2)
+    fit["s"] = 0.0  # a file value the loss refuses is reported with the loss's own check
+    path.write_text(json.dumps({"summary": {"schedule_fit": fit}}))
+    with pytest.raises(ConfigError, match="--position_s"):
+        OPSDConfig(output_dir=str(tmp_path), method="pwopsd", position_schedule_from=str(path))

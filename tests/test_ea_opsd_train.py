@@ -401,3 +401,94 @@ def test_first_line_of_an_error_message():
 
     assert first_line(OSError("  cannot open\nTraceback details")) == "cannot open"
     assert first_line(OSError()) == "OSError" and first_line(ValueError("   ")) == "ValueError"  # never IndexError
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training health through the CLI: a poisoned run exits 2 with one line, keeps its healthy checkpoint, no final adapter
+# ---------------------------------------------------------------------------------------------------------------------
+NAN_WRAPPER = """
+import math, sys, torch
+from pwopsd import train
+load, graded = train.load_model_and_tokenizer, []
+def poisoned(*args, **kwargs):
+    model, tokenizer = load(*args, **kwargs)
+    # NaN from the 2nd graded (student) forward on: step 1 is healthy; rollouts and the teacher run without grad
+    def hook(module, inputs, output):
+        if not torch.is_grad_enabled():
+            return output
+        graded.append(1)
+        return output * math.nan if len(graded) > 1 else output
+    model.model.norm.register_forward_hook(hook)
+    return model, tokenizer
+train.load_model_and_tokenizer = poisoned
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_nonfinite_run_exits_2_keeps_the_healthy_checkpoint_and_writes_no_adapter(
+    tiny_model_dir, train_jsonl, tmp_path
+):
+    out = tmp_path / "out"
+    argv = _argv(str(tiny_model_dir("qwen3")), out, {"--max_steps": "3", "--save_total_limit": "1"})
+    proc = run_cli([sys.executable, "-c", NAN_WRAPPER, *argv], {"PWOPSD_TRAIN_DATASET": str(train_jsonl)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [proc.stderr.strip().splitlines()[-1]]
+    assert errors[0] == (
+        f"ea_opsd_train.py: error: non-finite grad_norm=nan at step 2: training stopped, the state is saved in "
+        f"{out / 'nonfinite-checkpoint-2'} for inspection (a resume starts from the last healthy checkpoint-*); lower "
+        "--learning_rate or --max_grad_norm"
+    )
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter: the launcher does not merge
+    assert (out / "nonfinite-checkpoint-2" / "adapter_model.safetensors").is_file()
+    # --save_total_limit 1 did not rotate the last healthy checkpoint away in favour of the poisoned one
+    assert checkpoint_problem(out / "checkpoint-1", CheckpointLayout(adapter=True)) is None
+    kept = sorted(p.name for p in out.iterdir() if "checkpoint-" in p.name)
+    assert kept == ["checkpoint-1", "nonfinite-checkpoint-2"]
+
+
+def test_health_flags_are_checked_on_the_command_line(tiny_model_dir, train_jsonl, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(train_jsonl))
+    rc = train.main(_argv(str(tiny_model_dir("qwen3")), tmp_path / "out", {"--health_window": "0"}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["ea_opsd_train.py: error: --health_window must be an integer >= 1, got 0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --position_schedule_from: every bad file is one line naming it
+# ---------------------------------------------------------------------------------------------------------------------
+FIT = {"scale": 0.8, "w_min": 0.4, "tau": 0.55, "s": 0.2}
+SCHEDULE_FILES = {  # case: (file contents or None = missing, extra flags, the expected message after "FLAG FILE: ")
+    "missing": (None, {}, "no such file (pass the viability.json written by `diagnose.py viability`)"),
+    "corrupt": ('{"summary": {"schedule_fit": ', {}, "not valid JSON (Expecting value, line 1): rerun `diagnose.py "
+                "viability`"),
+    "profile file": ({"summary": {"auroc": {}}}, {}, "no summary.schedule_fit in the file (is it the viability.json "
+                     "of `diagnose.py viability`?)"),
+    "fit failed": ({"summary": {"schedule_fit": {"error": "no viable branch: the viability curve is 0 everywhere, "
+                   "nothing to fit"}}}, {}, "the file holds no fitted schedule: no viable branch: the viability curve "
+                   "is 0 everywhere, nothing to fit"),
+    "nan tau": ('{"summary": {"schedule_fit": {"w_min": 0.4, "tau": NaN, "s": 0.2}}}', {},
+                "summary.schedule_fit.tau is nan, not a finite number"),
+    "not pwopsd": (FIT, {"--method": "opsd"}, None),
+    "both": ({"summary": {"schedule_fit": FIT}}, {"--position_tau": "0.3"}, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SCHEDULE_FILES))
+def test_position_schedule_file_errors_are_one_line(case, tiny_model_dir, train_jsonl, tmp_path, monkeypatch, capsys):
+    contents, extra, message = SCHEDULE_FILES[case]
+    path = tmp_path / "viability.json"
+    if contents is not None:
+        path.write_text(contents if isinstance(contents, str) else json.dumps(contents), encoding="utf-8")
+    monkeypatch.setenv("PWOPSD_TRAIN_DATASET", str(train_jsonl))
+    flags = {"--method": "pwopsd", **extra, "--position_schedule_from": str(path)}
+    rc = train.main(_argv(str(tiny_model_dir("qwen3")), tmp_path / "out", flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    expected = {
+        "not pwopsd": "--position_schedule_from sets the PW-OPSD schedule, but --method is opsd: use --method pwopsd "
+        "or drop the flag",
+        "both": "--position_schedule_from sets the schedule; drop --position_tau (or drop the file)",
+    }.get(case, f"--position_schedule_from {path}: {message}")
+    assert err[0] == f"ea_opsd_train.py: error: {expected}"

@@ -11,6 +11,8 @@ version cannot change what a run does. Contradictory or out-of-range flags are r
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,6 +23,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GOLDConfig lives in tr
 
 from trl.experimental.gold import GOLDConfig
 
+from pwopsd.health import HealthArguments
 from pwopsd.losses import METHODS, check_hparams, loss_hparam_field, loss_hparams_from_args
 from pwopsd.prompts import TEACHER_THINK_MODES
 
@@ -29,8 +32,50 @@ class ConfigError(ValueError):
     """A user error in flags or inputs: reported as one line by the entry point, without a traceback."""
 
 
+POSITION_SCHEDULE_FLAGS = ("position_w_min", "position_tau", "position_s")
+SCHEDULE_FILE_KEYS = {"position_w_min": "w_min", "position_tau": "tau", "position_s": "s"}
+
+
+def read_position_schedule(path: str) -> dict[str, float]:
+    """The fitted PW-OPSD schedule of a `diagnose.py viability` JSON: `summary.schedule_fit.{w_min, tau, s}` as the
+    three `--position_*` flags. Any unreadable, corrupt or fit-less file is a `ConfigError` naming the file."""
+    where = f"--position_schedule_from {path}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where}: no such file (pass the viability.json written by `diagnose.py viability`)"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read it: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{where}: not a UTF-8 text file (pass the viability.json of `diagnose.py viability`)"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{where}: not valid JSON ({err.msg}, line {err.lineno}): rerun `diagnose.py viability`"
+        ) from None
+    summary = data.get("summary", data) if isinstance(data, dict) else None
+    fit = summary.get("schedule_fit") if isinstance(summary, dict) else None
+    if not isinstance(fit, dict):
+        raise ConfigError(
+            f"{where}: no summary.schedule_fit in the file (is it the viability.json of `diagnose.py viability`?)"
+        )
+    if "error" in fit and "w_min" not in fit:
+        raise ConfigError(f"{where}: the file holds no fitted schedule: {fit['error']}")
+    values = {}
+    for flag, key in SCHEDULE_FILE_KEYS.items():
+        value = fit.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: summary.schedule_fit.{key} is {value!r}, not a finite number")
+        values[flag] = float(value)
+    return values
+
+
 @dataclass
-class OPSDConfig(GOLDConfig):
+class OPSDConfig(GOLDConfig, HealthArguments):
     r"""`GOLDConfig` (the reference's config class) plus the reference's flags and pwopsd's opt-in switches.
 
     The flags the reference adds on top of TRL and their defaults are listed in docs/methods.md#flags-and-defaults.
@@ -112,6 +157,10 @@ class OPSDConfig(GOLDConfig):
             `micro_batch`, `step`.
         generations_dump_steps (`int`, *optional*, defaults to `5`):
             Write output_dir/generations/generations_step_{N}.json every N steps; 0 = off.
+        position_schedule_from (`str | None`, *optional*, defaults to `None`):
+            PW-OPSD only: take --position_w_min/--position_tau/--position_s from the fitted schedule
+            (summary.schedule_fit) of the viability.json that `diagnose.py viability` writes; do not pass those three
+            flags with it.
         wandb_project (`str | None`, *optional*, defaults to `None`):
             WandB project (sets WANDB_PROJECT).
 
@@ -255,6 +304,14 @@ class OPSDConfig(GOLDConfig):
     generations_dump_steps: int = field(
         default=5, metadata={"help": "Write output_dir/generations/generations_step_{N}.json every N steps; 0 = off."}
     )
+    position_schedule_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "PW-OPSD only: take --position_w_min/--position_tau/--position_s from the fitted schedule "
+            "(summary.schedule_fit) of the viability.json that `diagnose.py viability` writes; do not pass those "
+            "three flags with it."
+        },
+    )
     wandb_project: str | None = field(default=None, metadata={"help": "WandB project (sets WANDB_PROJECT)."})
 
     # --- Inherited fields set explicitly -------------------------------------------------------------------------
@@ -343,12 +400,42 @@ class OPSDConfig(GOLDConfig):
             )
         if self.max_completion_length < 1:
             raise ConfigError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
+        self.apply_position_schedule_file()
         self.validate_loss_hparams()
         self.validate_sampling()
         if self.loss_chunk_size < 1:
             raise ConfigError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.generations_dump_steps < 0:
             raise ConfigError(f"--generations_dump_steps must be >= 0, got {self.generations_dump_steps}")
+        try:  # HealthArguments.__post_init__ is not on this MRO path (GOLDConfig's does not call super's)
+            self.validate_health_flags()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def apply_position_schedule_file(self) -> None:
+        """`--position_schedule_from FILE`: the file's fitted schedule replaces the three `--position_*` flags.
+
+        Passing both is refused (which would win is a guess): in code, when any of the three differs from its
+        default; on the command line the entry point also refuses them given explicitly with default values.
+        """
+        path = self.position_schedule_from
+        if path is None:
+            return
+        if self.method is not None and self.method != "pwopsd":
+            raise ConfigError(
+                f"--position_schedule_from sets the PW-OPSD schedule, but --method is {self.method}: use --method "
+                "pwopsd or drop the flag"
+            )
+        schedule = read_position_schedule(path)
+        defaults = {f.name: f.default for f in fields(OPSDConfig) if f.name in POSITION_SCHEDULE_FLAGS}
+        current = {name: getattr(self, name) for name in POSITION_SCHEDULE_FLAGS}
+        given = [name for name in POSITION_SCHEDULE_FLAGS if current[name] != defaults[name]]
+        if given and current != schedule:  # equal: this config was already built from the file (a re-validation)
+            raise ConfigError(
+                f"--position_schedule_from {path} sets the schedule; drop {', '.join('--' + g for g in given)}"
+            )
+        for name, value in schedule.items():
+            setattr(self, name, value)
 
     def validate_sampling(self) -> None:
         """The rollout sampling flags, checked now rather than by the engine minutes later (vLLM checks them when the

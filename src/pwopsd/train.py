@@ -230,9 +230,24 @@ def resume_argument(resume: str | None) -> str | bool | None:
     return resume
 
 
+SCHEDULE_FLAGS = ("--position_w_min", "--position_tau", "--position_s")
+
+
+def check_schedule_flags(argv: list[str]) -> None:
+    """`--position_schedule_from` with any of the three schedule flags on the command line is refused, even when a
+    flag repeats its default (the config alone cannot tell a default from an explicit value)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "--position_schedule_from" not in given:
+        return
+    clash = [flag for flag in SCHEDULE_FLAGS if flag in given]
+    if clash:
+        raise UserError(f"--position_schedule_from sets the schedule; drop {', '.join(clash)} (or drop the file)")
+
+
 def run(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
+    check_schedule_flags(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
@@ -248,6 +263,7 @@ def run(argv: list[str] | None = None) -> int:
     from trl import get_peft_config
 
     from pwopsd.config import ConfigError
+    from pwopsd.health import HealthCallback
     from pwopsd.losses import METHODS
     from pwopsd.trainer import EAOPSDTrainer
 
@@ -258,9 +274,18 @@ def run(argv: list[str] | None = None) -> int:
     check_model_args(script_args, model_args, training_args)
     apply_run_config(training_args)
     resume = resume_argument(training_args.resume_from_checkpoint)
+    if training_args.position_schedule_from and training_args.process_index == 0:
+        logger.info(
+            "PW-OPSD schedule from %s: --position_w_min %.6g --position_tau %.6g --position_s %.6g",
+            training_args.position_schedule_from,
+            training_args.position_w_min,
+            training_args.position_tau,
+            training_args.position_s,
+        )
 
     dataset = load_train_dataset(resolve_dataset_spec(script_args))
     model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args.trust_remote_code)
+    health = HealthCallback(training_args)
     try:
         trainer = EAOPSDTrainer(
             model=model,
@@ -268,10 +293,13 @@ def run(argv: list[str] | None = None) -> int:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
+            callbacks=[health],
         )
         trainer.train(resume_from_checkpoint=resume)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    if health.fatal or health.stopped:  # no final adapter: the launchers merge output_dir only after a clean run
+        raise UserError(health.fatal or health.stopped)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         logger.info("final adapter saved to %s", training_args.output_dir)

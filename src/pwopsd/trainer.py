@@ -373,6 +373,8 @@ class OPSDTrainer(SFTTrainer):
         )
         head = unwrapped.get_output_embeddings().weight
         loss, metrics = self._distillation_loss(student, teacher, head, inputs["completion_ids"], inputs["loss_mask"])
+        if self._logs_this_step():
+            self._log_token_diagnostics(student, teacher, head, inputs["loss_mask"])
         return loss, metrics, student[:, :1].detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -421,6 +423,81 @@ class OPSDTrainer(SFTTrainer):
         student = int(inputs["student_prompt_attention_mask"].sum()) + completion
         teacher = int(inputs["teacher_prompt_attention_mask"].sum()) + completion
         return (6 * student + 2 * teacher) * self._num_params
+
+    # --- per-token diagnostics (health/student_entropy, pos/*) ----------------------------------------------------
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being computed will be logged (DefaultFlowCallback's rule): the diagnostics are
+        computed for those steps only, so the chunked path pays their extra LM-head projection once per log."""
+        args = self.args
+        if args.logging_strategy == "no" or not self.model.training:
+            return False
+        if args.logging_strategy != "steps":
+            return True
+        step = self.state.global_step + 1
+        every = max(int(self.state.logging_steps or 1), 1)
+        return step % every == 0 or (step == 1 and args.logging_first_step)
+
+    @torch.no_grad()
+    def _log_token_diagnostics(
+        self, student: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Log the student entropy and, per quarter of relative position, the teacher-student forward KL, the teacher
+        entropy and the top-1 agreement, at the loss temperature, over the valid completion tokens.
+
+        `student`/`teacher` are the loss inputs: logits `[B, T, V]` (dense path) or final hidden states `[B, T, H]`
+        (chunked path, projected here through `head` chunk by chunk without gradient: only `[chunk, V]` exists).
+        u = (k - 1/2) / L for the k-th valid token of a row with L valid tokens; quarter q holds u in
+        [(q-1)/4, q/4) (the last one includes 1). Each value is a token mean pooled over every process (sums and counts
+        are gathered), so a quarter is logged only when some process has tokens in it.
+        """
+        temperature = float(self.hparams.get("temperature", self.args.temperature))
+        valid = mask.reshape(-1).nonzero().squeeze(-1)
+        m = mask.to(torch.float32)
+        u = (m.cumsum(-1) - 0.5) / m.sum(-1, keepdim=True).clamp_min(1)
+        quarter = (u * 4).floor().clamp(0, 3).long().reshape(-1).index_select(0, valid)
+        s = student.detach().reshape(-1, student.size(-1)).index_select(0, valid)
+        t = teacher.detach().reshape(-1, teacher.size(-1)).index_select(0, valid)
+        parts: dict[str, list[torch.Tensor]] = {"student_entropy": [], "teacher_entropy": [], "kl": [], "top1": []}
+        chunk = max(int(self.args.loss_chunk_size), 1)
+        for start in range(0, len(valid), chunk):
+            zs, zt = s[start : start + chunk], t[start : start + chunk]
+            if not self.args.dense_loss:
+                zs, zt = zs.to(head.dtype) @ head.T, zt.to(head.dtype) @ head.T
+            dtype = torch.promote_types(zs.dtype, torch.float32)
+            ls = torch.log_softmax(zs.to(dtype) / temperature, dim=-1)
+            lt = torch.log_softmax(zt.to(dtype) / temperature, dim=-1)
+            q = lt.exp()
+            parts["student_entropy"].append(torch.special.entr(ls.exp()).sum(-1))
+            parts["teacher_entropy"].append(torch.special.entr(q).sum(-1))
+            parts["kl"].append(torch.where(q > 0, q * (lt - ls), 0.0).sum(-1))
+            parts["top1"].append((ls.argmax(-1) == lt.argmax(-1)).to(dtype))
+            del ls, lt, q
+        device = mask.device
+        values = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in parts.items()}
+        sums, counts = {"health/student_entropy": values["student_entropy"].sum()}, {}
+        counts["health/student_entropy"] = torch.tensor(float(len(valid)), device=device)
+        one_hot = torch.nn.functional.one_hot(quarter, 4).to(values["kl"].dtype)  # [N, 4]
+        per_quarter = one_hot.sum(0)
+        for name, key in (("kl", "kl"), ("teacher_entropy", "teacher_entropy"), ("top1_agree", "top1")):
+            quarter_sums = values[key] @ one_hot
+            for q in range(4):
+                sums[f"pos/{name}_q{q + 1}"] = quarter_sums[q]
+                counts[f"pos/{name}_q{q + 1}"] = per_quarter[q]
+        self._log_token_means(sums, counts)
+
+    def _log_token_means(self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
+        """Queue Σ sums / Σ counts over processes (one collective) for the next log; a key with no token is skipped."""
+        keys = sorted(sums)
+        device = self.accelerator.device
+        local = torch.stack(
+            [torch.stack([sums[k].to(device, torch.float64) for k in keys]),
+             torch.stack([torch.as_tensor(counts[k]).to(device, torch.float64) for k in keys])]
+        )  # fmt: skip
+        total = self.accelerator.gather(local.unsqueeze(0)).view(-1, 2, len(keys)).sum(0).tolist()
+        mode = "train" if self.model.training else "eval"
+        for key, value, count in zip(keys, total[0], total[1]):
+            if count > 0:
+                self._metrics[mode][key].append(value / count)
 
     # --- metrics, dumps, checkpoints ------------------------------------------------------------------------------
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
@@ -524,10 +601,17 @@ class OPSDTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()  # every process's files (RNG state, DeepSpeed shards) are written
         if self.args.should_save:
             finish_checkpoint(folder, self.state.global_step)
+            if self._health_stopped():  # this checkpoint is the broken state: keep every healthy one
+                return
             for deleted in rotate_checkpoints(
                 run_dir, limit, self.checkpoint_layout, keep=(folder, self.state.best_model_checkpoint)
             ):
                 logger.info("deleted %s (--save_total_limit %s)", deleted, limit)
+
+    def _health_stopped(self) -> bool:
+        """A health callback (`pwopsd.health.HealthCallback`) stopped the run at this step (non-finite value, or a
+        collapse with --stop_on_collapse). `control.should_training_stop` alone would also hold at --max_steps."""
+        return any(getattr(cb, "fatal", None) or getattr(cb, "stopped", None) for cb in self.callback_handler.callbacks)
 
     def _resolve_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """`True` (`--resume_from_checkpoint last`): the newest COMPLETE checkpoint of output_dir, skipping (with one
