@@ -58,3 +58,14 @@ def test_position_schedule_file_sets_the_three_flags(tmp_path):
     path.write_text(json.dumps({"summary": {"schedule_fit": fit}}))
     with pytest.raises(ConfigError, match="--position_s"):
         OPSDConfig(output_dir=str(tmp_path), method="pwopsd", position_schedule_from=str(path))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("3", 3), (7, 7)])
+def test_loss_chunk_size_is_auto_or_a_positive_integer(tmp_path, value, expected):
+    assert OPSDConfig(output_dir=str(tmp_path), method="opsd", loss_chunk_size=value).loss_chunk_size == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "big", 0, 1.5])
+def test_bad_loss_chunk_size_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="--loss_chunk_size must be an integer >= 1 or auto"):
+        OPSDConfig(output_dir=str(tmp_path), method="opsd", loss_chunk_size=value)

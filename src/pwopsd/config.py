@@ -136,8 +136,9 @@ class OPSDConfig(GOLDConfig, HealthArguments):
 
         dense_loss (`bool`, *optional*, defaults to `False`):
             Reference loss path through full [B, T, V] logits (default: chunked through the LM head).
-        loss_chunk_size (`int`, *optional*, defaults to `256`):
-            Completion positions per chunk (chunked loss).
+        loss_chunk_size (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+            Completion positions per chunk of the chunked loss; auto = the largest power of two whose per-chunk
+            buffers fit a memory budget (`pwopsd.chunked_loss.auto_chunk_size`).
         prompt_padding (`str`, *optional*, defaults to `"right"`):
             right = reference (right-padded prompts, arange position ids); left = left-padded prompts with compact
             position ids (fix for the right-padding quirk, see docs/architecture.md#distillation-batch). One of `right`,
@@ -265,7 +266,14 @@ class OPSDConfig(GOLDConfig, HealthArguments):
         default=False,
         metadata={"help": "Reference loss path through full [B, T, V] logits (default: chunked through the LM head)."},
     )
-    loss_chunk_size: int = field(default=256, metadata={"help": "Completion positions per chunk (chunked loss)."})
+    loss_chunk_size: str = field(
+        default="auto",
+        metadata={
+            "help": "Completion positions per chunk of the chunked loss: an integer >= 1, or auto (the largest power "
+            "of two whose per-chunk buffers fit min(1 GiB, 5% of free GPU memory), 512 MiB on CPU; "
+            "pwopsd.chunked_loss.auto_chunk_size)."
+        },
+    )
     prompt_padding: str = field(
         default="right",
         metadata={
@@ -403,8 +411,7 @@ class OPSDConfig(GOLDConfig, HealthArguments):
         self.apply_position_schedule_file()
         self.validate_loss_hparams()
         self.validate_sampling()
-        if self.loss_chunk_size < 1:
-            raise ConfigError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+        self.loss_chunk_size = _chunk_size(self.loss_chunk_size)
         if self.generations_dump_steps < 0:
             raise ConfigError(f"--generations_dump_steps must be >= 0, got {self.generations_dump_steps}")
         try:  # HealthArguments.__post_init__ is not on this MRO path (GOLDConfig's does not call super's)
@@ -478,3 +485,13 @@ class OPSDConfig(GOLDConfig, HealthArguments):
         if self.fixed_teacher:
             return "fixed"
         return "ema" if self.use_ema_teacher else "dynamic"
+
+
+def _chunk_size(value: int | str) -> int | str:
+    """`--loss_chunk_size`: "auto" or an integer >= 1 (given as an int in code, as text on the command line)."""
+    if value == "auto":
+        return value
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--loss_chunk_size must be an integer >= 1 or auto, got {value!r}")
+    return int(text)

@@ -47,7 +47,7 @@ from pwopsd.checkpoints import (
     last_complete_checkpoint,
     rotate_checkpoints,
 )
-from pwopsd.chunked_loss import chunked_distillation_loss
+from pwopsd.chunked_loss import chunked_distillation_loss, fused_fallback_reason
 from pwopsd.collator import SelfDistillationDataCollator
 from pwopsd.config import ConfigError, OPSDConfig
 from pwopsd.io import atomic_write_text
@@ -201,9 +201,15 @@ class OPSDTrainer(SFTTrainer):
             "method %s, teacher %s, loss path %s, prompts %s-padded",
             self.method,
             self.teacher_mode,
-            "dense" if args.dense_loss else f"chunked ({args.loss_chunk_size} positions)",
+            "dense" if args.dense_loss else self._chunked_path_name(),
             args.prompt_padding,
         )
+
+    def _chunked_path_name(self) -> str:
+        """How the chunked loss runs for these flags, for the start-up log."""
+        reason = fused_fallback_reason(self.method, **self.hparams)
+        body = "fused" if reason is None else f"autograd: {reason}"
+        return f"chunked ({self.args.loss_chunk_size} positions, {body})"
 
     def _make_rollouts(self) -> VLLMRollouts | TransformersRollouts:
         """The rollout engine: vLLM with `--use_vllm`, else transformers `generate`."""
@@ -458,7 +464,7 @@ class OPSDTrainer(SFTTrainer):
         s = student.detach().reshape(-1, student.size(-1)).index_select(0, valid)
         t = teacher.detach().reshape(-1, teacher.size(-1)).index_select(0, valid)
         parts: dict[str, list[torch.Tensor]] = {"student_entropy": [], "teacher_entropy": [], "kl": [], "top1": []}
-        chunk = max(int(self.args.loss_chunk_size), 1)
+        chunk = self.args.loss_chunk_size if isinstance(self.args.loss_chunk_size, int) else 256
         for start in range(0, len(valid), chunk):
             zs, zt = s[start : start + chunk], t[start : start + chunk]
             if not self.args.dense_loss:
