@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+from test_trainer import ROWS, make_args, make_trainer
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from pwopsd import health
-from pwopsd.config import OPSDConfig
 from pwopsd.health import (
     CLIPPED_KEY,
     ENTROPY_KEY,
@@ -27,7 +25,6 @@ from pwopsd.health import (
     HealthArguments,
     HealthCallback,
 )
-from pwopsd.trainer import EAOPSDTrainer
 
 KEYS = {"length": LENGTH_KEY, "clipped": CLIPPED_KEY, "neg_token": NEG_TOKEN_KEY, "entropy": ENTROPY_KEY}
 
@@ -302,49 +299,11 @@ def test_warning_reaches_an_active_wandb_run(train_args, tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------------------------------
 # One real tiny run with a NaN forced into the student's forward pass (copied from tests/test_trainer.py's helpers)
 # ---------------------------------------------------------------------------------------------------------------------
-ROWS = [
-    {"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}
-    for a, b in [(1, 2), (30, 4), (5, 60), (7, 8)]
-]
-
-
-def make_args(tmp_path: Path, **overrides) -> OPSDConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        method="opsd",
-        max_steps=3,
-        save_steps=100,  # no periodic checkpoint: the only one is the health callback's
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-2,
-        max_completion_length=6,
-        max_length=512,
-        fixed_teacher=True,
-        temperature=1.1,
-        top_p=0.95,
-        top_k=20,
-        lmbda=1.0,
-        beta=0.0,
-        jsd_token_clip=0.05,
-        logging_steps=1,
-        report_to="none",
-        save_only_model=False,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return OPSDConfig(**kwargs)
-
-
 def test_real_run_with_a_nan_stops_at_once_with_a_checkpoint_and_fatal(tiny_model_dir, tmp_path):
-    path = tiny_model_dir("qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.config.use_cache = False
     callback = HealthCallback(HealthArguments())
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = EAOPSDTrainer(model=model, args=make_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
-                            processing_class=tokenizer, peft_config=lora, callbacks=[callback])  # fmt: skip
+    # no periodic checkpoint (save_steps 100): the only one is the health callback's
+    args = make_args(tmp_path, "opsd", max_steps=3, save_steps=100)
+    trainer = make_trainer(tiny_model_dir("qwen3"), args, rows=ROWS[:4], callbacks=[callback])
     norm = next(m for n, m in trainer.model.named_modules() if n.endswith("model.norm"))
     # NaN only in the graded (student) forward: rollouts (generate) and the teacher pass run without grad, so sampling
     # still works and the loss and its gradient become NaN, as a diverging run's would

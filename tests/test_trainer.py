@@ -61,7 +61,7 @@ def make_args(tmp_path: Path, method: str = "pwopsd", **overrides) -> OPSDConfig
     return OPSDConfig(**kwargs)
 
 
-def make_trainer(model_dir: Path, args: OPSDConfig, peft: bool = True, rows=ROWS) -> EAOPSDTrainer:
+def make_trainer(model_dir: Path, args: OPSDConfig, peft: bool = True, rows=ROWS, callbacks=None) -> EAOPSDTrainer:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
@@ -71,6 +71,7 @@ def make_trainer(model_dir: Path, args: OPSDConfig, peft: bool = True, rows=ROWS
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora_config() if peft else None,
+        callbacks=callbacks,
     )
 
 
