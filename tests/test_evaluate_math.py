@@ -738,3 +738,90 @@ def test_row_sampler_draws_from_the_processed_distribution() -> None:
     assert (freq - probs.double()).abs().max() < 4 * (0.25 / rows) ** 0.5  # 4 sigma of a Bernoulli mean
     again = RowSampler([torch.Generator().manual_seed(i) for i in range(rows)])(None, logits.expand(rows, 7).clone())
     assert torch.equal(again.argmax(dim=-1), picks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --dtype and the batching of the transformers backend
+
+
+def test_dtype_flag_parses_and_refuses_other_values(capsys, tmp_path) -> None:
+    base = ["--base_model", "m", "--dataset", "aime24", "--output_file", "o"]
+    assert evaluate.parse_args(base).dtype == "auto"
+    for name in ("bfloat16", "float16", "float32", "auto"):
+        assert evaluate.parse_args([*base, "--dtype", name]).dtype == name
+    argv = ["--base_model", str(tmp_path), "--dataset", "math500", "--output_file", str(tmp_path / "o.json"),
+            "--dtype", "int8"]  # fmt: skip
+    _assert_user_error(main(argv), capsys, "argument --dtype: invalid choice: 'int8'")
+    with pytest.raises(UserError, match="--dtype must be one of auto, bfloat16, float16, float32, got 'half'"):
+        EvalArguments(base_model="m", dataset="d", output_file="o", dtype="half")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def bf16_checkpoint(tiny_model_dir, tmp_path) -> Path:
+    """The tiny qwen3 model saved in bfloat16, the released checkpoints' dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model_dir("qwen3")
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("flag", "bf16_native", "expected"), [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+    ("bfloat16", False, torch.bfloat16), ("float32", True, torch.float32), ("float16", False, torch.float16),
+])  # fmt: skip
+def test_dtype_flag_loads_and_logs_the_dtype(flag, bf16_native, expected, bf16_checkpoint, tmp_path, monkeypatch,
+                                             caplog, single_thread) -> None:  # fmt: skip
+    from pwopsd import device
+
+    monkeypatch.setattr(device, "native_bf16", lambda dev: bf16_native)
+    loaded = {}
+    real_init = generate.HFBackend.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        loaded["dtype"] = {p.dtype for p in self.model.parameters()}
+
+    monkeypatch.setattr(generate.HFBackend, "__init__", spy)
+    argv = ["--base_model", str(bf16_checkpoint), "--dataset", "math500", "--num_samples", "1", "--val_n", "1",
+            "--max_new_tokens", "2", "--backend", "hf", "--seed", "0", "--dtype", flag,
+            "--output_file", str(tmp_path / "o.json")]  # fmt: skip
+    with caplog.at_level("INFO", logger="pwopsd.evaluation.evaluate"):
+        assert main(argv) == 0
+    assert loaded["dtype"] == {expected}
+    name = str(expected).removeprefix("torch.")
+    assert f"transformers backend on cpu: --dtype {flag} -> {name} (checkpoint bfloat16)" in caplog.text
+
+
+def test_one_problem_batches_give_the_same_samples_as_padded_batches(tiny_model_dir, single_thread) -> None:
+    """The default batching (the N samples of one problem, no padding, no mask) and the former one (several problems
+    left-padded together) draw the same samples: each row has its own seeded generator. Prompts of different lengths,
+    so the padded batches really are padded."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model_dir("qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    problems = load_benchmark("hmmt25", None)[0][:5]
+    prompts = [generate.build_prompt(tokenizer, p.problem, False) for p in problems]
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) > 1
+    args = EvalArguments(base_model=str(model), dataset="hmmt25", output_file="o", val_n=3, max_new_tokens=12,
+                         seed=7, hf_batch_size=64, dtype="float32")  # fmt: skip
+    texts = {}
+    for batching in generate.HF_BATCHING:
+        backend = generate.HFBackend(args, tokenizer, batching=batching)
+        calls: list[tuple[int, int]] = []
+
+        def spy(*a, _real=backend.model.generate, _calls=calls, **k):
+            _calls.append(tuple(k["input_ids"].shape))
+            return _real(*a, **k)
+
+        backend.model.generate = spy
+        texts[batching] = dict(backend.generate(prompts, list(range(5))))
+        assert calls == ([(3, len(tokenizer(p).input_ids)) for p in prompts] if batching == "problem" else
+                         [(15, max(len(tokenizer(p).input_ids) for p in prompts))])  # fmt: skip
+    assert texts["problem"] == texts["padded"]
+    assert all(len(set(t)) > 1 for t in texts["problem"].values())  # the N samples of a problem differ
+    with pytest.raises(ValueError, match="unknown batching"):
+        generate.HFBackend(args, tokenizer, batching="rows")

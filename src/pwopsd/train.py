@@ -197,6 +197,28 @@ def _vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def auto_load_dtype(path: str, kwargs: dict):
+    """`--torch_dtype auto` (or unset): the checkpoint's dtype, except float32 on a CPU that does not compute it
+    natively (`pwopsd.device.compute_dtype`: bf16 on an AVX2-only CPU is ~10x slower than float32). Explicit values
+    are never changed; GPUs keep transformers' "auto"."""
+    import torch
+
+    from pwopsd.device import checkpoint_dtype, compute_dtype
+
+    if torch.cuda.is_available():
+        return "auto"
+    checkpoint = checkpoint_dtype(path, **kwargs)
+    chosen = compute_dtype("auto", "cpu", checkpoint)
+    if checkpoint is None or chosen == checkpoint:
+        return "auto"
+    logger.info(
+        "--torch_dtype auto: loading the %s checkpoint in %s (this CPU has no native %s matmul; pass --torch_dtype %s "
+        "to keep it)", str(checkpoint).removeprefix("torch."), str(chosen).removeprefix("torch."),
+        str(checkpoint).removeprefix("torch."), str(checkpoint).removeprefix("torch."),
+    )  # fmt: skip
+    return chosen
+
+
 def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = False):
     """AutoModelForCausalLM with --torch_dtype/--attn_implementation, use_cache off; tokenizer with left padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,6 +228,8 @@ def load_model_and_tokenizer(script_args, model_args, trust_remote_code: bool = 
         raise UserError("--model_name_or_path is required (a local folder or a Hub id)")
     dtype = model_dtype(script_args, model_args)
     kwargs = {"revision": model_args.model_revision, "trust_remote_code": trust_remote_code}
+    if dtype == "auto":
+        dtype = auto_load_dtype(path, kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
         model = AutoModelForCausalLM.from_pretrained(

@@ -7,13 +7,14 @@ The evaluator generates N samples per problem, extracts the last `\\boxed{}`, gr
 Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are the reference's
 (docs/evaluation.md#command-line, docs/evaluation.md#output-json), plus `--backend {auto,vllm,hf}`, `--data_file`,
 `--trust_remote_code`, `--grader {reference,strict}`, `--no_resume`, `--grading_timeout`, `--grading_workers`,
-`--sample_seeds {engine,independent}`.
+`--sample_seeds {engine,independent}`, `--dtype {auto,bfloat16,float16,float32}` (transformers backend).
 
 * Data (`benchmarks.py`): the reference's hub datasets; offline, or when the hub cannot be reached, the bundled copies
   in `data/` (same problems, ids and counts) with a one-line notice. `--data_file` reads a local
   .jsonl/.json/.parquet/.csv.
 * Generation (`generate.py`): vLLM (one engine, every prompt submitted at once, `SamplingParams(n=val_n, seed=...)`) or
-  transformers (`--backend hf`: the same sampling chain, seeded per problem, the N samples of a problem in one batch).
+  transformers (`--backend hf`: the same sampling chain, seeded per sample, the N samples of a problem in one batch
+  without padding, in the dtype `--dtype` resolves to: `pwopsd.device.compute_dtype`).
 * Grading: `math_grader` (cached, parallel, hard time limit per comparison): the last brace-balanced box, math-verify
   equivalence, the clustered majority vote (docs/evaluation.md#extraction to docs/evaluation.md#metrics).
 * Resumable: every finished problem is appended to `<output_file>.partial.jsonl` (created with the first finished
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from pwopsd.device import DTYPE_CHOICES
 from pwopsd.evaluation.benchmarks import BENCHMARKS, Problem, load_benchmark
 from pwopsd.evaluation.extract import extract_boxed_answer, stored_answer
 from pwopsd.evaluation.generate import (
@@ -95,6 +97,14 @@ class EvalArguments:
         default=64,
         metadata={"help": "transformers backend: sequences per generate call (whole problems of val_n samples each)."},
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={
+            "help": "transformers backend: the compute dtype. auto: the checkpoint's when the device computes it "
+            "natively, else float32 (a bf16 checkpoint on a CPU without native bf16 runs ~6x faster in float32). "
+            "vLLM always uses its own auto."
+        },
+    )
     sample_seeds: Literal["engine", "independent"] = field(
         default="engine",
         metadata={
@@ -130,6 +140,10 @@ class EvalArguments:
                 f"--grading_workers must be >= 1, got {self.grading_workers}",
             ),
             (self.hf_batch_size >= 1, f"--hf_batch_size must be >= 1, got {self.hf_batch_size}"),
+            (
+                self.dtype in DTYPE_CHOICES,
+                f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}",
+            ),
             (
                 self.sample_seeds in SAMPLE_SEED_RULES,
                 f"--sample_seeds must be one of {', '.join(SAMPLE_SEED_RULES)}, got {self.sample_seeds!r}",
@@ -462,7 +476,13 @@ def generate_missing(args: EvalArguments, problems: Sequence[Problem], partial: 
         return
     tokenizer = load_tokenizer(args)
     prompts = [build_prompt(tokenizer, problems[i].problem, args.enable_thinking) for i in todo]
-    engine = VLLMBackend(args) if backend == "vllm" else HFBackend(args, tokenizer)
+    if backend == "vllm":
+        engine: VLLMBackend | HFBackend = VLLMBackend(args)
+        if args.dtype != "auto":
+            logger.info("--dtype %s applies to --backend hf only; vLLM loads with dtype='auto'", args.dtype)
+    else:
+        engine = HFBackend(args, tokenizer)
+        logger.info("%s", engine.description)
     for index, texts in engine.generate(prompts, todo):
         partial.add(index, problems[index].problem_id, texts)
 

@@ -234,20 +234,41 @@ def row_generators(seed: int | None, index: int, val_n: int, rule: str = "engine
     return generators
 
 
-class HFBackend:
-    """transformers generation with the vLLM sampling chain; whole problems (N samples each) are batched together,
-    up to --hf_batch_size sequences per call, prompts left-padded."""
+HF_BATCHING = ("problem", "padded")
+"""How the transformers backend batches: `problem` = the N samples of one problem per `generate` call (one prompt
+repeated, no padding, so no attention mask: SDPA keeps its causal fast path and native GQA instead of copying the KV
+cache per head group every step); `padded` = several whole problems per call, prompts left-padded."""
 
-    def __init__(self, args: EvalArguments, tokenizer: Any) -> None:
+
+class HFBackend:
+    """transformers generation with the vLLM sampling chain, in the dtype `--dtype` resolves to (`compute_dtype`).
+
+    Batching (`batching`, see HF_BATCHING): by default the N samples of one problem form one batch; `padded` batches
+    whole problems together, up to --hf_batch_size sequences per call. Each sample draws from its own seeded
+    generator, so both give the same samples for the same seed."""
+
+    def __init__(self, args: EvalArguments, tokenizer: Any, batching: str = "problem") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from pwopsd.device import checkpoint_dtype, compute_dtype
+
+        if batching not in HF_BATCHING:
+            raise ValueError(f"unknown batching {batching!r}; choose one of {', '.join(HF_BATCHING)}")
         self.args = args
+        self.batching = batching
         self.tokenizer = tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        checkpoint = checkpoint_dtype(args.base_model, trust_remote_code=args.trust_remote_code)
+        self.dtype = compute_dtype(getattr(args, "dtype", "auto"), self.device, checkpoint)
+        self.description = (
+            f"transformers backend on {self.device}: --dtype {getattr(args, 'dtype', 'auto')} -> "
+            f"{str(self.dtype).removeprefix('torch.')} (checkpoint "
+            f"{str(checkpoint).removeprefix('torch.') if checkpoint else 'unknown'}), one batch per {batching}"
+        ).replace("per padded", "per --hf_batch_size rows")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                args.base_model, dtype="auto", trust_remote_code=args.trust_remote_code
+                args.base_model, dtype=self.dtype, trust_remote_code=args.trust_remote_code
             )
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load --base_model {args.base_model}: {first_line(e)}") from e
@@ -294,16 +315,18 @@ class HFBackend:
     def _groups(
         self, prompts: Sequence[str], indices: Sequence[int], rows_per_problem: int
     ) -> list[list[tuple[str, int]]]:
-        """Fixed groups of problem indices (at most --hf_batch_size rows each), so a resumed run batches the remaining
-        problems as the first run did."""
-        per_call = max(1, self.args.hf_batch_size // rows_per_problem)
+        """Fixed groups of problem indices (one problem each, or with `padded` at most --hf_batch_size rows each), so
+        a resumed run batches the remaining problems as the first run did."""
+        per_call = 1 if self.batching == "problem" else max(1, self.args.hf_batch_size // rows_per_problem)
         groups: dict[int, list[tuple[str, int]]] = {}
         for prompt, index in zip(prompts, indices):
             groups.setdefault(index // per_call, []).append((prompt, index))
         return list(groups.values())
 
     def _generate_group(self, prompts: list[str], indices: list[int], rows_per_problem: int) -> list[str]:
-        """One `generate` call: the prompts left-padded, each repeated `rows_per_problem` times; the decoded texts."""
+        """One `generate` call: the prompts (one, or left-padded ones), each repeated `rows_per_problem` times; the
+        decoded texts. A single prompt has no padding, so its all-ones mask is dropped by transformers' SDPA mask
+        builder: attention stays on the causal, native-GQA path (no `repeat_kv` copy of the cache per step)."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
