@@ -340,10 +340,10 @@ def wheels_command(ctx: Ctx) -> list[str]:
 
 
 def wheels_why_not(ctx: Ctx) -> str | None:
+    if ctx.size_name != "full" and os.environ.get("WHEELS") != "1":  # first: the answer must not depend on .whl/
+        return "skipped: SIZE=small uses the current environment (WHEELS=1 installs .whl/ anyway)"
     if not any((ROOT / ".whl").glob("*.whl")) and not any((ROOT / ".whl").glob("*.tar.gz")):
         return "skipped: no .whl/ folder with wheels at the repository root (bash bench/gpu_wheels.sh makes one)"
-    if ctx.size_name != "full" and os.environ.get("WHEELS") != "1":
-        return "skipped: SIZE=small uses the current environment (WHEELS=1 installs .whl/ anyway)"
     return None
 
 
