@@ -39,6 +39,7 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -348,12 +349,13 @@ def wheels_why_not(ctx: Ctx) -> str | None:
 
 
 def wheels_parse(ctx: Ctx, stdout: str) -> list[dict]:
-    site = str(ctx.work / "site")
-    ctx.env["PYTHONPATH"] = os.pathsep.join([site, *ctx.env["PYTHONPATH"].split(os.pathsep)])
-    sys.path.insert(0, site)
+    target = str(ctx.work / "site")
+    ctx.env["PYTHONPATH"] = os.pathsep.join([target, *ctx.env["PYTHONPATH"].split(os.pathsep)])
+    # the carried wheels' site directory, for this driver's own package checks (the parts get it via PYTHONPATH)
+    site.addsitedir(target)
     importlib.invalidate_caches()
     installed = json.loads(stdout.strip().splitlines()[-1])
-    return [{"site": site, "dist_info": [n for n in installed if n.endswith(".dist-info")]}]
+    return [{"site": target, "dist_info": [n for n in installed if n.endswith(".dist-info")]}]
 
 
 ENV_SNIPPET = r"""

@@ -187,7 +187,7 @@ pw_load_registries() {
     py="$(command -v python)" ||
       pw_die "no python on PATH to read the method and benchmark lists with: create the venv (bash launchers/setup_venv.sh) or the conda env 'pwopsd' (conda env create -f environment.yml)"
   fi
-  # Run from the repository root: `python -m` puts the working directory first on sys.path.
+  # Run from the repository root: `python -m` imports from the working directory first.
   out="$(cd "$REPO_ROOT" && "$py" -m pwopsd launcher-config 2>&1)" ||
     pw_die "${py} cannot read the method and benchmark lists (${out##*$'\n'}): install the package into that environment (bash launchers/setup_venv.sh, or pip install -e . in the conda env 'pwopsd')"
   local -a fields

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill_losses import REFERENCES  # the naive float64 references (tests/ is on sys.path under pytest)
+from test_distill_losses import REFERENCES  # the naive float64 references (tests/ is importable under pytest)
 from torch._dynamo.testing import CompileCounter
 
 from pwopsd import chunked_loss
