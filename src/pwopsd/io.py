@@ -68,18 +68,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_write_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Fill a fresh `OUT.tmp-PID` folder with `write(tmp)`, then replace `out` with it.
 
-    A failure inside `write` (a full disk, Ctrl-C) removes the temporary folder, so no multi-GB half-written folder is
-    left behind and an existing `out` is untouched; the replacement itself is `replace_dir`'s.
+    A failure inside `write` (a full disk, Ctrl-C, a check that `write` makes last) or in the replacement removes the
+    temporary folder, so no multi-GB half-written folder is left behind and an existing `out` is untouched; the
+    replacement itself is `replace_dir`'s.
     """
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left there after a successful rename
     return out
 
 

@@ -24,13 +24,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pwopsd.io import UserError, first_line, replace_dir, run_main
+from pwopsd.io import UserError, atomic_write_dir, first_line, run_main
 
 logger = logging.getLogger("merge_lora")
 
@@ -204,16 +203,13 @@ def merge_lora(
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"cannot apply ADAPTER '{adapter}' to BASE '{base}': {first_line(err)}") from None
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(_marker(base, adapter, dtype), encoding="utf-8")
         check_out(base, adapter, out, overwrite)  # again: OUT may have appeared during the merge
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(out, write)
     logger.info("merged %s + %s -> %s (%s)", base, adapter, out, dtype)
     return out
 
