@@ -316,17 +316,10 @@ class PartialLog:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG under a temporary name, then rename it into place."""
-    import matplotlib.pyplot as plt
+    """Save a matplotlib figure as PNG atomically (`pwopsd.evaluation.plots.save_figure`), tight at 110 dpi."""
+    from pwopsd.evaluation.plots import save_figure as save_png
 
-    tmp = path.with_name(f"{path.stem}.tmp.{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    save_png(fig, path, dpi=110, bbox_inches="tight")
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

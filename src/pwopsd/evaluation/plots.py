@@ -32,12 +32,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Save `fig` as PNG atomically (temporary name in the same folder, then rename) and close it."""
+def save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
+    """Save `fig` as PNG atomically (temporary name in the same folder, then rename) and close it.
+
+    `savefig_kwargs` go to `fig.savefig` (default dpi 120).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, **{"dpi": 120, **savefig_kwargs})
         os.replace(tmp, path)
     finally:
         _pyplot().close(fig)
