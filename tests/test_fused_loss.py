@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_distill_losses import REFERENCES  # the naive float64 references (tests/ is importable under pytest)
+from test_distill_losses_chunked import dense
+from test_distill_losses_chunked import make_hidden as chunked_inputs
 from torch._dynamo.testing import CompileCounter
 
 from pwopsd import chunked_loss
@@ -54,22 +56,7 @@ IDS = [f"{m}-{s}-{h}" for m, s, h in COVERED]
 
 
 def make_hidden(seed: int, mask: torch.Tensor = MASK, vocab: int = VOCAB, hidden: int = HIDDEN, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(*mask.shape, hidden, generator=g, dtype=F64)
-    teacher = student + 0.7 * torch.randn(*mask.shape, hidden, generator=g, dtype=F64)
-    weight = torch.randn(vocab, hidden, generator=g, dtype=F64) * 1.5
-    ids = torch.randint(0, vocab, mask.shape, generator=g)
-    ids[~mask] = -100
-    return student.to(dtype), teacher.to(dtype), weight.to(dtype), ids
-
-
-def dense(method, student, teacher, weight, ids, mask, step, trainable, **hp):
-    s, w = student.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
-    loss, metrics = compute_distillation_loss(
-        method, s @ w.T, teacher @ w.detach().T, ids, mask, global_step=step, **hp
-    )
-    loss.backward()
-    return loss.detach(), metrics, s.grad, w.grad
+    return chunked_inputs(seed, mask, vocab, hidden, dtype)  # this file's vocabulary and mask by default
 
 
 def naive(method, student, teacher, weight, ids, mask, step, trainable, **hp):
