@@ -16,8 +16,11 @@ from scipy.optimize import least_squares
 from scipy.special import expit
 from scipy.stats import rankdata
 
-MODERATE = (0.25, 0.30, 0.10)
-"""The paper's Moderate schedule (w_min, tau, s): the launchers' `--position_w_min/--position_tau/--position_s`."""
+from pwopsd.losses import LossHParams
+
+MODERATE = (LossHParams.position_w_min, LossHParams.position_tau, LossHParams.position_s)
+"""The paper's Moderate schedule (w_min, tau, s) = (0.25, 0.30, 0.10): the loss flags' defaults, as declared once in
+`pwopsd.losses.LossHParams` (the launchers pass the same values)."""
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
