@@ -20,7 +20,9 @@ IGNORE_INDEX = -100
 
 
 def prompt_token_lists(prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[list[int]]:
-    """The real (unpadded) prompt tokens of each row, for the rollout engine."""
+    """The real (unpadded) prompt tokens of each row, for the rollout engine.
+
+    The engines take Python lists, so the ids come to the CPU here, once per tensor (not once per row)."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu())]
 
 
@@ -38,12 +40,16 @@ def truncate_at_eos(token_ids: Sequence[int], eos_token_ids: Sequence[int], max_
 def pad_completions(
     completions: Sequence[Sequence[int]], max_completion_length: int, pad_token_id: int
 ) -> torch.Tensor:
-    """Right-pad (or truncate) every completion with `pad_token_id` to exactly `max_completion_length` tokens."""
-    out = torch.full((len(completions), max_completion_length), pad_token_id, dtype=torch.long)
+    """Right-pad (or truncate) every completion with `pad_token_id` to exactly `max_completion_length` tokens.
+
+    Built on the CPU on purpose (explicitly, whatever the default device): the completions are Python lists from the
+    rollout engine, so the rows are filled in host memory and the caller moves the whole tensor to the prompts'
+    device in one copy (:func:`build_distillation_batch`)."""
+    out = torch.full((len(completions), max_completion_length), pad_token_id, dtype=torch.long, device="cpu")
     for i, ids in enumerate(completions):
         ids = list(ids)[:max_completion_length]
         if ids:
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device="cpu")
     return out
 
 
@@ -85,6 +91,8 @@ def build_distillation_batch(
     `eos_mask="length"`: validity comes from the completion length (keeps a stop token equal to pad) and the prompt
     attention from the collator. `prompt_padding="left"`: prompts are left-padded, so pass compact position ids.
     """
+    # Every tensor below lives on the prompts' device (the collator's tensors after the Trainer moved them): the
+    # completions are padded on the CPU and copied once; masks, labels and positions derive from tensors on `device`.
     device = student_prompts.device
     completion_ids = pad_completions(completions, max_completion_length, pad_token_id).to(device)
     student_input_ids = torch.cat([student_prompts, completion_ids], dim=1)
@@ -97,7 +105,9 @@ def build_distillation_batch(
         if prompt_padding == "left":  # a left-padded prompt occupies the last length_i slots of [0, P_S)
             labels[:, :p_s] = IGNORE_INDEX
     elif eos_mask == "length":
-        lengths = torch.tensor([min(len(c), max_completion_length) for c in completions], device=device)
+        lengths = torch.tensor(
+            [min(len(c), max_completion_length) for c in completions], dtype=torch.long, device=device
+        )
         valid = (torch.arange(max_completion_length, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
         student_attention_mask = torch.cat([student_prompt_attention_mask.long(), valid], dim=1)
         teacher_attention_mask = torch.cat([teacher_prompt_attention_mask.long(), valid], dim=1)

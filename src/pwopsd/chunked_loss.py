@@ -471,7 +471,7 @@ class _FusedTokenTerms(torch.autograd.Function):
 
 def _bytes_per_token(vocab: int, hidden: int, dtype: torch.dtype) -> int:
     """Bytes one chunk row costs on the fused path (see :func:`auto_chunk_size`)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     math_size = max(size, 4)
     return vocab * (3 * size + _WORK_BUFFERS * math_size) + 2 * hidden * size
 
@@ -560,6 +560,8 @@ def chunked_distillation_loss(
         )
     chunk_size = _resolve_chunk_size(chunk_size, mask.numel(), student_hidden, lm_head_weight)
     hidden = student_hidden.shape[-1]
+    # the valid-token indices live on the mask's device (a data-dependent size, hence one host sync here); every
+    # gathered tensor, the chunk outputs (new_empty/new_zeros of these) and the scattered [B, T] terms follow them
     valid = mask.reshape(-1).nonzero().squeeze(-1)
     student_h = student_hidden.reshape(-1, hidden).index_select(0, valid)
     teacher_h = teacher_hidden.detach().reshape(-1, hidden).index_select(0, valid)
@@ -568,7 +570,7 @@ def chunked_distillation_loss(
         fused = os.environ.get(FUSED_ENV, "1") != "0"
     body = _fused_for(spec, hp) if fused else None
     if body is not None:
-        dtype = _math_dtype(torch.empty((), dtype=torch.promote_types(student_h.dtype, lm_head_weight.dtype)))
+        dtype = torch.promote_types(torch.promote_types(student_h.dtype, lm_head_weight.dtype), torch.float32)
         compiled = _compile_wanted(compiled, student_hidden.device)
         fused_spec = _FusedSpec(_get_body(body, hp, dtype, compiled), body, chunk_size, dtype)
         names: tuple[str, ...] = body.names

@@ -55,6 +55,10 @@ def tokenize_prompts(
 class SelfDistillationDataCollator:
     """Collate `{problem, solution}` rows into student and teacher prompt tensors (docs/architecture.md#prompts).
 
+    The tensors are CPU tensors by design (the tokenizer builds them in host memory, possibly in DataLoader workers);
+    the Trainer's `_prepare_inputs` moves the whole batch to the training device, and everything built from it
+    (:mod:`pwopsd.batch`) follows the device of these tensors.
+
     Output keys: `student_prompts`, `student_prompt_attention_mask`, `student_prompt_length` (P_S, int),
     `student_prompt_lengths_per_example` and the same four `teacher_*` keys (P_T). No `labels`.
     """

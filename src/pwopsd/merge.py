@@ -195,6 +195,8 @@ def merge_lora(
         raise UserError(f"cannot load BASE '{base}': {first_line(err).rstrip('.')}; {BASE_FIX}") from None
     check_base(base, adapter, adapter_config, strict_base)
     try:
+        # On the CPU by design: merging is a one-off weight sum that needs no accelerator, fits any machine that can
+        # hold the model in RAM, and saves from host memory; the merged folder carries no device.
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), device_map="cpu")
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load BASE '{base}' as a causal LM: {first_line(err)}") from None

@@ -169,20 +169,22 @@ class TransformersRollouts:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
-        """`generate` on left-padded prompts, same temperature/top-p/top-k; each output cut after its first EOS id."""
+        """`generate` on left-padded prompts, same temperature/top-p/top-k; each output cut after its first EOS id.
+
+        The prompts are Python lists; the padded ids and mask are built directly on the device of the model's input
+        embeddings (the first weights they meet), one host-to-device copy each."""
         trainer = self.trainer
-        device = trainer.accelerator.device
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), trainer.pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p, device=device)
-            attention_mask[i, width - len(p) :] = 1
+        padded = [[trainer.pad_token_id] * (width - len(p)) + list(p) for p in prompts]
+        attended = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
         with unwrap_model_for_generation(
             trainer.model_wrapped,
             trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
         ) as unwrapped:
+            device = unwrapped.get_input_embeddings().weight.device
+            input_ids = torch.tensor(padded, dtype=torch.long, device=device)
+            attention_mask = torch.tensor(attended, dtype=torch.long, device=device)
             out = unwrapped.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )

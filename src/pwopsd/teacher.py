@@ -36,6 +36,11 @@ class EMATeacher:
 
     Initialised lazily from the weights after the first optimizer step, as the reference; until then the teacher is the
     current student. `swapped_in()` copies the EMA into the parameters for the teacher pass and restores them after.
+
+    Devices: each shadow (and each backup of `swapped_in`) is a clone of its own parameter, so it lives on that
+    parameter's device and dtype, and every update and swap is an in-place op between the two (no host round trip,
+    whatever device each parameter sits on). Only `state_dict` moves the shadows to the CPU (a device-independent
+    file); `load_state_dict` puts each one back on its parameter's device and dtype.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:

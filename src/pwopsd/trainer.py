@@ -478,10 +478,12 @@ class OPSDTrainer(SFTTrainer):
             parts["kl"].append(torch.where(q > 0, q * (lt - ls), 0.0).sum(-1))
             parts["top1"].append((ls.argmax(-1) == lt.argmax(-1)).to(dtype))
             del ls, lt, q
-        device = mask.device
-        values = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in parts.items()}
+        device = mask.device  # the loss inputs' device: valid, quarter and every part above already live there
+        values = {
+            k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float32, device=device) for k, v in parts.items()
+        }
         sums, counts = {"health/student_entropy": values["student_entropy"].sum()}, {}
-        counts["health/student_entropy"] = torch.tensor(float(len(valid)), device=device)
+        counts["health/student_entropy"] = torch.tensor(float(len(valid)), dtype=torch.float32, device=device)
         one_hot = torch.nn.functional.one_hot(quarter, 4).to(values["kl"].dtype)  # [N, 4]
         per_quarter = one_hot.sum(0)
         for name, key in (("kl", "kl"), ("teacher_entropy", "teacher_entropy"), ("top1_agree", "top1")):
@@ -494,10 +496,10 @@ class OPSDTrainer(SFTTrainer):
     def _log_token_means(self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
         """Queue Σ sums / Σ counts over processes (one collective) for the next log; a key with no token is skipped."""
         keys = sorted(sums)
-        device = self.accelerator.device
+        device = self.accelerator.device  # the collective's device (NCCL gathers CUDA tensors only)
         local = torch.stack(
             [torch.stack([sums[k].to(device, torch.float64) for k in keys]),
-             torch.stack([torch.as_tensor(counts[k]).to(device, torch.float64) for k in keys])]
+             torch.stack([counts[k].to(device, torch.float64) for k in keys])]
         )  # fmt: skip
         total = self.accelerator.gather(local.unsqueeze(0)).view(-1, 2, len(keys)).sum(0).tolist()
         mode = "train" if self.model.training else "eval"

@@ -168,7 +168,8 @@ class PresencePenaltyLogitsProcessor:
         generated = input_ids[:, self.prompt_length :]
         if generated.shape[1] == 0:
             return scores
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        # the mask is made on the scores' device; `generate` keeps the ids there too (both on the model's device)
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated.to(scores.device), True)
         return scores - self.penalty * seen.to(scores.dtype)
 
 
