@@ -1,16 +1,26 @@
-"""Generate `data/arith.jsonl`: seeded one- and two-step arithmetic word problems with worked solutions.
+"""Generate `data/arith.jsonl`: seeded single-digit one-step expressions ("What is 7 + 5?") with worked solutions.
 
     python data/make_arith.py [--seed 0] [--rows 200] [--out data/arith.jsonl]
 
-Why: the bundled benchmarks (MATH-500, AIME, HMMT) are far beyond SmolLM2-135M-Instruct (about 0% solved), so the
-offline demo's table cannot move and the diagnostic has no correct rollouts to compare. These problems use single
-digits and one or two steps, the easiest set that still needs a worked answer. Measured: SmolLM2-135M-Instruct still
-solves about 0% of them under the evaluator's \\boxed{} grading (it rarely writes \\boxed{}): bench/RESULTS.md.
+Why: the paper's diagnostic compares correct and wrong rollouts, and the demo compares the base and trained models,
+so the bundled set must be one that SmolLM2-135M-Instruct solves some of the time but not always (labels are
+informative only near 20-80%). The bundled benchmarks (MATH-500, AIME, HMMT) are about 0%. Measured with
+SmolLM2-135M-Instruct (float32, temperature 0.6, top-p 0.95, 4 samples per problem): the former word problems scored
+about 1% under \\boxed{} grading (the model almost never writes \\boxed{}; it ends "So the final answer is 14.") and
+12-22% with the last number of the text as the answer; these bare expressions, with the evaluator's prompt suffix and
+96 new tokens, about 36% (add 33%, sub 29%, mul 46%). At the demo's settings (temperature 1.0, top-p 0.95, the first
+16 rows, 4 samples each): Avg@4 23%, Pass@4 69%, Maj@4 19%, and not one sample boxed its answer.
 
-Each row: `problem`, `solution` (one line per step, ending in `The answer is \\boxed{N}.`), `answer` (the integer as
-a string), `id` (the row index), plus `kind` (the template) and `numbers` (the operands as drawn) so that the answer can
-be recomputed from the row alone. The output depends only on --seed and --rows (random.Random(seed), fixed template
-and name lists), and is written with sorted keys and "\\n" line ends, so the same seed gives the same bytes.
+Grade them with the evaluator's `--answer_format boxed_or_last_number` (the last \\boxed{}, else the last number of
+the text; `pwopsd.evaluation.extract`), and `code/diagnose.py profile` with the same flag: under the reference's
+boxed rule nearly every sample is unanswered.
+
+Each row: `problem` ("What is a op b?"), `solution` ("a op b = r. The answer is \\boxed{r}."), `answer` (r as a string),
+`id` (the row index), plus `kind` (add, sub, mul: the template) and `numbers` ([a, b] as drawn) so that the answer can
+be recomputed from the row alone. The kinds cycle add, sub, mul, so any prefix of the file mixes the three. Numbers:
+add a, b in 1..9; sub a in 3..9, b in 1..a-1 (results >= 1); mul a, b in 2..5. The output depends only on --seed and
+--rows (random.Random(seed), fixed template list), and is written with sorted keys, ASCII escapes and "\\n" line ends,
+so the same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -23,18 +33,14 @@ from pathlib import Path
 
 from pwopsd.io import UserError, atomic_write_text, run_main
 
-NAMES = ("Tom", "Anna", "Ben", "Maria", "Sam", "Lucy", "Omar", "Mia", "Jack", "Nora", "Ravi", "Emma")
-ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells")
-CONTAINERS = ("boxes", "bags", "packs", "jars", "baskets")
+KINDS = ("add", "sub", "mul")
+"""The template cycle: row i has kind KINDS[i % 3]."""
 
-KINDS = ("add", "mul_sub", "sub", "add_sub", "mul", "mul_add", "add", "sub_add", "sub", "add_div", "mul", "mul_mul")
-"""The template cycle: half one-step (a op b), half two-step ((a op b) op c), so the set spans easy and harder rows."""
-
-SUFFIX = " Answer with just \\boxed{the number}."
-"""Appended to every problem: the 135M model rarely writes \\boxed{} from the evaluator's instruction alone."""
+SYMBOLS = {"add": "+", "sub": "-", "mul": "×"}
+"""The operator as written in the problem and the solution (ASCII minus; × for the product)."""
 
 
-def answer_of(kind: str, a: int, b: int, c: int = 0) -> int:
+def answer_of(kind: str, a: int, b: int) -> int:
     """The arithmetic of a template (the one rule the test recomputes independently)."""
     if kind == "add":
         return a + b
@@ -42,23 +48,11 @@ def answer_of(kind: str, a: int, b: int, c: int = 0) -> int:
         return a - b
     if kind == "mul":
         return a * b
-    if kind == "mul_sub":
-        return a * b - c
-    if kind == "mul_add":
-        return a * b + c
-    if kind == "add_sub":
-        return a + b - c
-    if kind == "sub_add":
-        return a - b + c
-    if kind == "add_div":
-        return (a + b) // c
-    if kind == "mul_mul":
-        return a * b * c
     raise ValueError(kind)
 
 
-def draw(rng: random.Random, kind: str) -> tuple[int, ...]:
-    """Numbers for a template: single digits (the 135M model fails on larger ones), exact division, results >= 0."""
+def draw(rng: random.Random, kind: str) -> tuple[int, int]:
+    """Operands of a template: single digits (the 135M model fails on larger ones), a positive difference."""
     if kind == "add":
         return rng.randint(1, 9), rng.randint(1, 9)
     if kind == "sub":
@@ -66,73 +60,27 @@ def draw(rng: random.Random, kind: str) -> tuple[int, ...]:
         return a, rng.randint(1, a - 1)
     if kind == "mul":
         return rng.randint(2, 5), rng.randint(2, 5)
-    if kind in ("mul_sub", "mul_add"):
-        a, b = rng.randint(2, 4), rng.randint(2, 4)
-        return a, b, rng.randint(1, a * b - 1) if kind == "mul_sub" else rng.randint(1, 9)
-    if kind == "add_sub":
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        return a, b, rng.randint(1, a + b - 1)
-    if kind == "sub_add":
-        a = rng.randint(3, 9)
-        return a, rng.randint(1, a - 1), rng.randint(1, 9)
-    if kind == "add_div":
-        c, q = rng.randint(2, 3), rng.randint(2, 4)
-        a = rng.randint(1, c * q - 1)
-        return a, c * q - a, c
-    if kind == "mul_mul":
-        return rng.randint(2, 3), rng.randint(2, 3), rng.randint(2, 3)
     raise ValueError(kind)
 
 
-def render(kind: str, nums: tuple[int, ...], name: str, item: str, box: str) -> tuple[str, str]:
-    """(problem, worked solution) of a template; the solution's steps are the template's operations."""
-    a, b, c = (*nums, 0)[:3]
-    r = answer_of(kind, *nums)
-    if kind == "add":
-        p = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        s = f"{a} + {b} = {r}."
-    elif kind == "sub":
-        p = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-        s = f"{a} − {b} = {r}."
-    elif kind == "mul":
-        p = f"{name} has {a} {box} with {b} {item} in each. How many {item} does {name} have?"
-        s = f"{a} × {b} = {r}."
-    elif kind == "mul_sub":
-        p = f"{name} has {a} {box} with {b} {item} in each. {name} gives away {c} {item}. How many {item} are left?"
-        s = f"{a} × {b} = {a * b}. {a * b} − {c} = {r}."
-    elif kind == "mul_add":
-        p = f"{name} buys {a} {box} of {b} {item} and finds {c} more {item}. How many {item} does {name} have now?"
-        s = f"{a} × {b} = {a * b}. {a * b} + {c} = {r}."
-    elif kind == "add_sub":
-        p = f"{name} has {a} {item} and gets {b} more. Then {name} loses {c} {item}. How many {item} are left?"
-        s = f"{a} + {b} = {a + b}. {a + b} − {c} = {r}."
-    elif kind == "sub_add":
-        p = f"{name} has {a} {item} and gives {b} to a friend. Then {name} buys {c} more. How many {item} now?"
-        s = f"{a} − {b} = {a - b}. {a - b} + {c} = {r}."
-    elif kind == "add_div":
-        p = (
-            f"{name} has {a} red {item} and {b} blue {item}. {name} shares all of them equally among {c} friends. "
-            f"How many {item} does each friend get?"
-        )
-        s = f"{a} + {b} = {a + b}. {a + b} ÷ {c} = {r}."
-    else:  # mul_mul
-        p = f"A shop has {a} shelves. Each shelf holds {b} {box}, and each of them has {c} {item}. How many {item}?"
-        s = f"{a} × {b} = {a * b}. {a * b} × {c} = {r}."
-    return p + SUFFIX, f"{s} The answer is \\boxed{{{r}}}."
+def render(kind: str, a: int, b: int) -> tuple[str, str]:
+    """(problem, worked solution) of a template."""
+    expression = f"{a} {SYMBOLS[kind]} {b}"
+    r = answer_of(kind, a, b)
+    return f"What is {expression}?", f"{expression} = {r}. The answer is \\boxed{{{r}}}."
 
 
 def generate(seed: int, rows: int) -> list[dict]:
-    """The rows, in order; templates cycle (KINDS), so the first N rows mix one- and two-step problems."""
+    """The rows, in order; the kinds cycle (KINDS)."""
     rng = random.Random(seed)
     out = []
     for i in range(rows):
         kind = KINDS[i % len(KINDS)]
-        nums = draw(rng, kind)
-        name, item, box = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(CONTAINERS)
-        problem, solution = render(kind, nums, name, item, box)
-        answer = str(answer_of(kind, *nums))
+        a, b = draw(rng, kind)
+        problem, solution = render(kind, a, b)
+        answer = str(answer_of(kind, a, b))
         out.append(
-            {"id": i, "kind": kind, "numbers": list(nums), "problem": problem, "solution": solution, "answer": answer}
+            {"id": i, "kind": kind, "numbers": [a, b], "problem": problem, "solution": solution, "answer": answer}
         )
     return out
 

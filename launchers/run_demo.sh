@@ -11,7 +11,9 @@
 # 3. merge: each final adapter into a standalone checkpoint (code/merge_lora.py);
 # 4. evaluate: the base model and every merged model on the first --problems MATH-500 problems, --val_n samples each,
 #    transformers backend (eval/evaluate_math.py), and on the first --arith_problems of the bundled arithmetic set
-#    data/arith.jsonl (benchmark "arith": single-digit one- and two-step word problems, far easier than MATH-500; 0 = skip);
+#    data/arith.jsonl (benchmark "arith": single-digit one-step expressions such as "What is 7 + 5?"; the base SmolLM2
+#    answers about a quarter of its samples right here; 0 = skip), read with --answer_format boxed_or_last_number (the
+#    last \boxed{}, else the last number: the 135M model almost never boxes); MATH-500 keeps the reference's rule;
 # 5. diagnose: `code/diagnose.py profile` of the base model on 2 arithmetic problems (teacher-student disagreement by
 #    position; prints the PNG path);
 # 6. report: the results table (markdown + CSV) and a PNG bar chart (eval/summarize.py).
@@ -39,7 +41,7 @@ while (($#)); do
     --max_new_tokens) MAX_NEW_TOKENS="$2"; shift ;;
     --arith_problems) ARITH_PROBLEMS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "run_demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -96,7 +98,8 @@ evaluate_one() { # evaluate_one MODEL_DIR RUN_NAME FILE_SUFFIX LABEL NUM_PROBLEM
 evaluate() { # evaluate MODEL_DIR RUN_NAME: MATH-500 (file RUN_38k_seed0.json), then arith (RUN_arith_38k_seed0.json)
   evaluate_one "$1" "$2" "" MATH-500 "$PROBLEMS" --dataset math500
   if ((ARITH_PROBLEMS > 0)); then # dataset key "arith": summarize.py shows it as its own benchmark column
-    evaluate_one "$1" "$2" _arith arith "$ARITH_PROBLEMS" --dataset arith --data_file data/arith.jsonl
+    evaluate_one "$1" "$2" _arith arith "$ARITH_PROBLEMS" --dataset arith --data_file data/arith.jsonl \
+      --answer_format boxed_or_last_number
   fi
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -11,8 +12,14 @@ from conftest import REPO_ROOT
 
 GENERATOR = REPO_ROOT / "data" / "make_arith.py"
 BUNDLED = REPO_ROOT / "data" / "arith.jsonl"
-# The two operations of each template, written out independently of the generator.
-OPS = {"+": lambda x, y: x + y, "−": lambda x, y: x - y, "×": lambda x, y: x * y, "÷": lambda x, y: x / y}
+# The arithmetic and the written operator of each kind, written out independently of the generator.
+OPS = {"add": ("+", lambda x, y: x + y), "sub": ("-", lambda x, y: x - y), "mul": ("×", lambda x, y: x * y)}
+# The operand ranges of each kind, as the docstring promises them: every (a, b) a row may hold.
+ALLOWED = {
+    "add": {(a, b) for a in range(1, 10) for b in range(1, 10)},
+    "sub": {(a, b) for a in range(3, 10) for b in range(1, a)},
+    "mul": {(a, b) for a in range(2, 6) for b in range(2, 6)},
+}
 
 
 def _generate(tmp_path, name: str, *args: str) -> bytes:
@@ -22,38 +29,66 @@ def _generate(tmp_path, name: str, *args: str) -> bytes:
     return out.read_bytes()
 
 
+def _rows() -> list[dict]:
+    return [json.loads(line) for line in BUNDLED.read_text(encoding="utf-8").splitlines()]
+
+
 def test_generator_is_deterministic_and_seeded(tmp_path) -> None:
     first, second = _generate(tmp_path, "a.jsonl", "--seed", "3"), _generate(tmp_path, "b.jsonl", "--seed", "3")
     assert first == second
     assert _generate(tmp_path, "c.jsonl", "--seed", "4") != first
+    assert len(_generate(tmp_path, "d.jsonl", "--rows", "7").splitlines()) == 7
 
 
 def test_bundled_file_is_the_generators_output(tmp_path) -> None:
     assert _generate(tmp_path, "arith.jsonl") == BUNDLED.read_bytes()
+    assert BUNDLED.read_bytes().isascii() and b"\r" not in BUNDLED.read_bytes()
+
+
+def test_bundled_file_follows_a_naive_replay_of_the_draws() -> None:
+    """The operands are random.Random(0)'s draws in the documented order and ranges (kinds cycle add, sub, mul)."""
+    rng = random.Random(0)
+    for i, row in enumerate(_rows()):
+        kind = ("add", "sub", "mul")[i % 3]
+        if kind == "add":
+            expected = [rng.randint(1, 9), rng.randint(1, 9)]
+        elif kind == "sub":
+            a = rng.randint(3, 9)
+            expected = [a, rng.randint(1, a - 1)]
+        else:
+            expected = [rng.randint(2, 5), rng.randint(2, 5)]
+        assert (row["kind"], row["numbers"]) == (kind, expected), row
 
 
 def test_every_answer_is_the_arithmetic_of_its_own_numbers() -> None:
-    rows = [json.loads(line) for line in BUNDLED.read_text(encoding="utf-8").splitlines()]
+    rows = _rows()
     assert len(rows) == 200 and [r["id"] for r in rows] == list(range(200))
-    steps = {1: 0, 2: 0}
+    kinds = {"add": 0, "sub": 0, "mul": 0}
     for r in rows:
-        assert {"problem", "solution", "answer", "id"} <= r.keys()
-        nums = r["numbers"]
-        # The problem states the numbers in order (and no other number).
-        stated = [int(x) for x in re.findall(r"\d+", r["problem"])]
-        assert stated == nums, r
-        # Replay the solution's steps: each "x op y = z" must be true, chain on, and use the row's numbers in order.
-        eqs = re.findall(r"(\d+) ([+−×÷]) (\d+) = (\d+)\.", r["solution"])
-        assert len(eqs) == len(nums) - 1, r
-        value = nums[0]
-        for (x, op, y, z), n in zip(eqs, nums[1:]):
-            assert int(x) == value and int(y) == n, r
-            exact = OPS[op](int(x), int(y))
-            assert exact == int(z) and int(z) >= 0, r  # exact division, no negative counts
-            value = int(z)
-        assert r["answer"] == str(value) and r["solution"].endswith(f"The answer is \\boxed{{{value}}}."), r
-        steps[len(eqs)] += 1
-    assert steps == {1: 100, 2: 100}
+        assert set(r) == {"answer", "id", "kind", "numbers", "problem", "solution"}, r
+        a, b = r["numbers"]
+        symbol, op = OPS[r["kind"]]
+        assert (a, b) in ALLOWED[r["kind"]], r
+        value = op(a, b)
+        assert value >= 1 and r["answer"] == str(value), r
+        # The problem is the bare expression, exactly; the solution works it and boxes the answer.
+        assert r["problem"] == f"What is {a} {symbol} {b}?", r
+        assert r["solution"] == f"{a} {symbol} {b} = {value}. The answer is \\boxed{{{value}}}.", r
+        assert re.fullmatch(r"What is \d [+\-×] \d\?", r["problem"]), r
+        kinds[r["kind"]] += 1
+    assert kinds == {"add": 67, "sub": 67, "mul": 66}
+    assert {r["kind"] for r in rows[:3]} == {"add", "sub", "mul"}  # any prefix mixes the kinds
+
+
+def test_the_evaluator_reads_the_bundled_answers() -> None:
+    """Loaded as `--data_file data/arith.jsonl`: the ground truth is the `answer` column, the id the row's id."""
+    from pwopsd.evaluation.benchmarks import load_benchmark
+
+    problems, _ = load_benchmark("arith", str(BUNDLED))
+    rows = _rows()
+    assert [(p.problem_id, p.problem, p.ground_truth) for p in problems] == [
+        (r["id"], r["problem"], r["answer"]) for r in rows
+    ]
 
 
 def test_generator_rejects_bad_rows(tmp_path) -> None:

@@ -67,12 +67,13 @@ def test_demo_end_to_end_tiny(tmp_path) -> None:
         result = json.loads((out / "eval_results" / f"{name}_38k_seed0.json").read_text())
         assert (result["dataset"], result["num_problems"], result["val_n"], result["seed"]) == ("math500", 2, 2, 0)
         assert result["total_solutions"] == 4 and len(result["results"]) == 2
-        assert result["backend"] == "hf"
+        assert (result["backend"], result["answer_format"]) == ("hf", "boxed")  # MATH-500: the reference's rule
         # The arith set: its own file and dataset key, the first 2 rows of data/arith.jsonl.
         arith = json.loads((out / "eval_results" / f"{name}_arith_38k_seed0.json").read_text())
         assert (arith["dataset"], arith["num_problems"], arith["total_solutions"]) == ("arith", 2, 4)
         rows = [json.loads(line) for line in (REPO_ROOT / "data" / "arith.jsonl").read_text().splitlines()[:2]]
         assert [r["ground_truth"] for r in arith["results"]] == [r["answer"] for r in rows]
+        assert arith["answer_format"] == "boxed_or_last_number"  # the 135M model rarely boxes: last-number fallback
     # The diagnostic's profile of the base model: 2 problems x 2 rollouts, figure written and its path printed.
     profile = json.loads((out / "diagnose_tiny_qwen3_base" / "profile.json").read_text())
     assert profile["summary"]["rollouts"] == 4

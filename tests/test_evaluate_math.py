@@ -22,7 +22,7 @@ from conftest import DATA_DIR, REPO_ROOT, read_data
 from pwopsd.evaluation import benchmarks, evaluate, generate
 from pwopsd.evaluation.benchmarks import BENCHMARKS, load_benchmark
 from pwopsd.evaluation.evaluate import EvalArguments, main
-from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_boxed_answer
+from pwopsd.evaluation.extract import NO_BOXED_ANSWER, extract_answer
 from pwopsd.evaluation.generate import PresencePenaltyLogitsProcessor, sampling_processors
 from pwopsd.io import UserError, atomic_write_json
 from pwopsd.prompts import EVAL_PROMPT_SUFFIX
@@ -32,7 +32,10 @@ TOP_KEYS = [  # docs/evaluation.md#output-json, in order
     "max_new_tokens", "val_n", "seed", "num_problems", "total_solutions", "pass_at_n", "pass_at_n_pct", "average_at_n",
     "average_at_n_pct", "majority_vote_at_n", "majority_vote_at_n_pct", "formatted_count", "format_rate",
 ]  # fmt: skip
-EXTRA_KEYS = ["pass_at_k", "backend", "sample_seed_rule", "grader", "math_verify_version", "grading_timeouts"]
+EXTRA_KEYS = [
+    "pass_at_k", "backend", "dtype", "sample_seed_rule", "grader", "answer_format", "math_verify_version",
+    "grading_timeouts",
+]  # fmt: skip
 RESULT_KEYS = [
     "problem_id", "problem", "ground_truth", "val_n", "generations", "num_correct", "pass_at_n",
     "majority_vote_correct", "predicted_answer", "full_generation", "correct", "formatted",
@@ -49,9 +52,10 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _check_schema(result: dict, n: int, problems: int) -> None:
+def _check_schema(result: dict, n: int, problems: int, answer_format: str = "boxed") -> None:
     assert list(result)[: len(TOP_KEYS)] == TOP_KEYS
     assert set(EXTRA_KEYS) <= set(result) and list(result)[-1] == "results"
+    assert result["answer_format"] == answer_format
     assert result["num_problems"] == problems == len(result["results"])
     assert result["total_solutions"] == problems * n
     assert result["math_verify_version"] == "0.9.0"
@@ -60,9 +64,10 @@ def _check_schema(result: dict, n: int, problems: int) -> None:
         assert len(entry["generations"]) == n == entry["val_n"]
         for sample in entry["generations"]:
             assert list(sample) == SAMPLE_KEYS
-            boxed = extract_boxed_answer(sample["full_generation"])
-            assert sample["formatted"] == (boxed is not None)
-            assert sample["predicted_answer"] == (boxed if boxed else NO_BOXED_ANSWER)  # empty box: the marker too
+            answer = extract_answer(sample["full_generation"], answer_format)
+            assert sample["formatted"] == (answer is not None)
+            assert sample["predicted_answer"] == (answer if answer else NO_BOXED_ANSWER)  # empty box: the marker too
+            assert sample["formatted"] or not sample["correct"]
         assert {k: entry[k] for k in SAMPLE_KEYS} == entry["generations"][0]
         assert entry["num_correct"] == sum(s["correct"] for s in entry["generations"])
         assert entry["pass_at_n"] == (entry["num_correct"] > 0)
@@ -212,6 +217,7 @@ def test_defaults_follow_spec() -> None:
      (["--presence_penalty", "-2.5"], "--presence_penalty must be in [-2, 2]"),
      (["--sample_seeds", "independent"], "--sample_seeds independent needs --seed"),
      (["--sample_seeds", "hashed"], "invalid choice: 'hashed'"),
+     (["--answer_format", "last"], "invalid choice: 'last' (choose from 'boxed', 'boxed_or_last_number')"),
      (["--data_file", "EMPTY"], "is empty; pass a file with one problem per row")],
 )  # fmt: skip
 def test_user_errors_are_one_line(flags: list[str], message: str, capsys, tmp_path) -> None:
@@ -793,6 +799,7 @@ def test_dtype_flag_loads_and_logs_the_dtype(flag, bf16_native, expected, bf16_c
     assert loaded["dtype"] == {expected}
     name = str(expected).removeprefix("torch.")
     assert f"transformers backend on cpu: --dtype {flag} -> {name} (checkpoint bfloat16)" in caplog.text
+    assert json.loads((tmp_path / "o.json").read_text())["dtype"] == name  # the dtype the samples were made in
 
 
 def test_one_problem_batches_give_the_same_samples_as_padded_batches(tiny_model_dir, single_thread) -> None:
@@ -825,3 +832,126 @@ def test_one_problem_batches_give_the_same_samples_as_padded_batches(tiny_model_
     assert all(len(set(t)) > 1 for t in texts["problem"].values())  # the N samples of a problem differ
     with pytest.raises(ValueError, match="unknown batching"):
         generate.HFBackend(args, tokenizer, batching="rows")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --answer_format, and the answer format and dtype in the resume settings and the result
+
+
+def test_answer_format_flag_parses_and_refuses_other_values() -> None:
+    base = ["--base_model", "m", "--dataset", "aime24", "--output_file", "o"]
+    assert evaluate.parse_args(base).answer_format == "boxed"
+    fallback = evaluate.parse_args([*base, "--answer_format", "boxed_or_last_number"])
+    assert fallback.answer_format == "boxed_or_last_number"
+    with pytest.raises(UserError, match="--answer_format must be one of boxed, boxed_or_last_number, got 'last'"):
+        EvalArguments(base_model="m", dataset="d", output_file="o", answer_format="last")  # type: ignore[arg-type]
+
+
+def test_boxed_or_last_number_end_to_end(tiny_model_dir, tmp_path, single_thread, capsys) -> None:
+    """Two arith problems answered by hand (held in the partial log), two generated by the tiny model: every stored
+    answer is the fallback rule's reading of its text, graded and voted on; recompute_majn re-votes the stored answers
+    and agrees (under the boxed rule problem 0's vote would be INVALID)."""
+    from pwopsd.evaluation import recompute
+
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "o.json"
+    argv = ["--base_model", str(model), "--dataset", "arith", "--data_file", str(REPO_ROOT / "data" / "arith.jsonl"),
+            "--num_samples", "4", "--val_n", "3", "--max_new_tokens", "24", "--backend", "hf", "--seed", "0",
+            "--answer_format", "boxed_or_last_number", "--output_file", str(out)]  # fmt: skip
+    rows = read_data("arith.jsonl")[:4]
+    assert [r["problem"] for r in rows[:2]] == ["What is 7 + 7?", "What is 3 - 2?"]
+    by_hand = {
+        0: ["So the final answer is 14.", "7 + 7 = \\boxed{14}, not 15", "I do not know"],
+        1: ["3 - 2 = 2", "\\boxed{} and then 1", "so it is 1."],
+    }
+    settings = evaluate.run_settings(evaluate.parse_args(argv), "hf")
+    lines = [{"pwopsd_partial": 1, "settings": settings}]
+    lines += [{"index": i, "problem_id": i, "generations": texts} for i, texts in by_hand.items()]
+    Path(str(out) + ".partial.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_schema(result, n=3, problems=4, answer_format="boxed_or_last_number")
+    assert (result["dataset"], result["dtype"]) == ("arith", "float32")
+    entries = result["results"]
+    assert [[s["full_generation"] for s in e["generations"]] for e in entries[:2]] == [by_hand[0], by_hand[1]]
+    answers = [[s["predicted_answer"] for s in e["generations"]] for e in entries[:2]]
+    assert answers == [["14", "14", NO_BOXED_ANSWER], ["2", NO_BOXED_ANSWER, "1"]]
+    assert [[s["formatted"] for s in e["generations"]] for e in entries[:2]] == [[True, True, False], [True] * 3]
+    correct = [[s["correct"] for s in e["generations"]] for e in entries[:2]]
+    assert correct == [[True, True, False], [False, False, True]]
+    # Maj@N: problem 0's "14" cluster (2 of 3) wins; problem 1 has three clusters of one, the first ("2") wins
+    assert [e["majority_vote_correct"] for e in entries[:2]] == [True, False]
+    generated = [s["full_generation"] for e in entries[2:] for s in e["generations"]]
+    assert len(set(generated)) > 1 and not any(t in by_hand[0] + by_hand[1] for t in generated)
+    capsys.readouterr()
+    assert recompute.main([str(out)]) == 0
+    old, new = re.search(r"Maj@N ([\d.]+) -> ([\d.]+)", capsys.readouterr().out).groups()
+    assert float(old) == float(new) == result["majority_vote_at_n_pct"] >= 25.0
+
+
+def _partial_with_one_problem(path: Path, settings: dict) -> str:
+    text = json.dumps({"pwopsd_partial": 1, "settings": settings}) + "\n"
+    text += json.dumps({"index": 0, "problem_id": 60, "generations": ["so \\boxed{204}"]}) + "\n"
+    path.write_text(text)
+    return text
+
+
+@pytest.mark.parametrize(("saved", "now", "diff"), [
+    ([], ["--answer_format", "boxed_or_last_number"], "answer_format: 'boxed' -> 'boxed_or_last_number'"),
+    (["--answer_format", "boxed_or_last_number"], [], "answer_format: 'boxed_or_last_number' -> 'boxed'"),
+    (["--dtype", "float32"], ["--dtype", "float16"], "dtype: 'float32' -> 'float16'"),
+    (["--dtype", "bfloat16"], [], "dtype: 'bfloat16' -> 'float32'"),  # auto resolves to the tiny model's float32
+])  # fmt: skip
+def test_resume_is_refused_when_the_answer_format_or_dtype_differ(saved, now, diff, tiny_model_dir, tmp_path,
+                                                                   capsys) -> None:  # fmt: skip
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "o.json"
+    partial = Path(str(out) + ".partial.jsonl")
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
+            "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
+    text = _partial_with_one_problem(partial, evaluate.run_settings(evaluate.parse_args([*argv, *saved]), "hf"))
+    line = _assert_user_error(main([*argv, *now]), capsys, f"was written with other settings ({diff})")
+    assert line.endswith(f"({diff}); pass --no_resume to start over")  # nothing else differs
+    assert partial.read_text() == text and not out.exists()
+
+
+def test_partial_log_without_answer_format_and_dtype_resumes_with_the_defaults(tiny_model_dir, tmp_path,
+                                                                               capsys) -> None:  # fmt: skip
+    """A log written before the two keys were recorded counts as boxed and --dtype auto (here float32): the default
+    command and an explicit --dtype float32 resume it; another rule or dtype is refused."""
+    model = tiny_model_dir("qwen3")
+    out = tmp_path / "o.json"
+    partial = Path(str(out) + ".partial.jsonl")
+    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
+            "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
+    settings = evaluate.run_settings(evaluate.parse_args(argv), "hf")
+    assert (settings.pop("answer_format"), settings.pop("dtype")) == ("boxed", "float32")
+    text = _partial_with_one_problem(partial, settings)
+    refused = [(["--answer_format", "boxed_or_last_number"], "answer_format: 'boxed' -> 'boxed_or_last_number'"),
+               (["--dtype", "bfloat16"], "dtype: 'float32' -> 'bfloat16'")]  # fmt: skip
+    for flags, diff in refused:
+        _assert_user_error(main([*argv, *flags]), capsys, diff)
+        assert partial.read_text() == text
+    for flags in ([], ["--dtype", "float32"]):
+        _partial_with_one_problem(partial, settings)
+        assert main([*argv, *flags]) == 0 and not partial.exists()
+        result = json.loads(out.read_text())
+        first = result["results"][0]["generations"][0]
+        assert (first["full_generation"], first["correct"]) == ("so \\boxed{204}", True)  # reused, not regenerated
+        assert (result["answer_format"], result["dtype"]) == ("boxed", "float32")
+        out.unlink()
+
+
+def test_validate_accepts_only_the_boxed_rule() -> None:
+    """validate_eval_result.py checks the paper's run: answers read with the boxed rule, or files without the key."""
+    from pwopsd.evaluation.validate import eval_result_problems
+
+    result = {"dataset": "aime24", "val_n": 12, "max_new_tokens": 38912, "temperature": 1.0, "top_p": 0.95,
+              "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0, "enable_thinking": True, "pass_at_n_pct": 50.0,
+              "average_at_n_pct": 20.0, "majority_vote_at_n_pct": 30.0, "num_problems": 30, "results": [{}] * 30,
+              "base_model": "m", "seed": 0}  # fmt: skip
+    assert eval_result_problems(result, "aime24", "m", 0) == []  # written before answer_format was recorded
+    assert eval_result_problems({**result, "answer_format": "boxed"}, "aime24", "m", 0) == []
+    assert eval_result_problems({**result, "answer_format": "boxed_or_last_number"}, "aime24", "m", 0) == [
+        "answer_format is 'boxed_or_last_number', expected 'boxed' (the reference's rule)"
+    ]

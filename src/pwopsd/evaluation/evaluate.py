@@ -3,11 +3,13 @@
     python eval/evaluate_math.py --base_model outputs/NAME_merged --dataset math500 --val_n 12 --enable_thinking \\
         --seed 0 --output_file eval_results/NAME_38k_seed0.json
 
-The evaluator generates N samples per problem, extracts the last `\\boxed{}`, grades it with math-verify and reports
-Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are the reference's
+The evaluator generates N samples per problem, extracts the last `\\boxed{}` (`--answer_format boxed`, the reference's
+rule; `boxed_or_last_number` falls back to the last number for models that never box), grades it with math-verify and
+reports Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are the reference's
 (docs/evaluation.md#command-line, docs/evaluation.md#output-json), plus `--backend {auto,vllm,hf}`, `--data_file`,
 `--trust_remote_code`, `--grader {reference,strict}`, `--no_resume`, `--grading_timeout`, `--grading_workers`,
-`--sample_seeds {engine,independent}`, `--dtype {auto,bfloat16,float16,float32}` (transformers backend).
+`--sample_seeds {engine,independent}`, `--dtype {auto,bfloat16,float16,float32}` (transformers backend),
+`--answer_format {boxed,boxed_or_last_number}`.
 
 * Data (`benchmarks.py`): the reference's hub datasets; offline, or when the hub cannot be reached, the bundled copies
   in `data/` (same problems, ids and counts) with a one-line notice. `--data_file` reads a local
@@ -19,7 +21,9 @@ Pass@N, Avg@N and clustered Maj@N (docs/evaluation.md). Flags and JSON keys are 
   equivalence, the clustered majority vote (docs/evaluation.md#extraction to docs/evaluation.md#metrics).
 * Resumable: every finished problem is appended to `<output_file>.partial.jsonl` (created with the first finished
   problem, so a run that fails to start leaves nothing behind); a re-run with the same settings resumes from it
-  (`--no_resume` starts over). The final JSON is written to a temporary file and renamed.
+  (`--no_resume` starts over). The settings include the answer format and the compute dtype the samples were
+  generated in; a log written before they were recorded counts as `boxed` and as `--dtype auto` (the defaults). The
+  final JSON is written to a temporary file and renamed.
 * Bad input is one line and exit status 2, found before the model loads where it can be: flags, the output path,
   the adapter folder, the data file, the partial file's lines, a full disk (the partial file is kept).
 """
@@ -40,7 +44,7 @@ from typing import Any, Literal, NoReturn
 
 from pwopsd.device import DTYPE_CHOICES
 from pwopsd.evaluation.benchmarks import BENCHMARKS, Problem, load_benchmark
-from pwopsd.evaluation.extract import extract_boxed_answer, stored_answer
+from pwopsd.evaluation.extract import ANSWER_FORMATS, extract_answer, stored_answer
 from pwopsd.evaluation.generate import (
     SAMPLE_SEED_RULES,
     HFBackend,
@@ -105,6 +109,14 @@ class EvalArguments:
             "vLLM always uses its own auto."
         },
     )
+    answer_format: Literal["boxed", "boxed_or_last_number"] = field(
+        default="boxed",
+        metadata={
+            "help": "How a sample's answer is read. boxed: the last \\boxed{} (the reference's rule). "
+            "boxed_or_last_number: the last \\boxed{}, else the last number of the text, for small models that "
+            "answer 'So the answer is 14.' and never box (a sample then counts as formatted when it has either)."
+        },
+    )
     sample_seeds: Literal["engine", "independent"] = field(
         default="engine",
         metadata={
@@ -145,6 +157,10 @@ class EvalArguments:
                 f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}",
             ),
             (
+                self.answer_format in ANSWER_FORMATS,
+                f"--answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}",
+            ),
+            (
                 self.sample_seeds in SAMPLE_SEED_RULES,
                 f"--sample_seeds must be one of {', '.join(SAMPLE_SEED_RULES)}, got {self.sample_seeds!r}",
             ),
@@ -180,13 +196,44 @@ def parse_args(argv: Sequence[str] | None) -> EvalArguments:
 # Resumable partial results
 
 
+def generation_dtype(requested: str, args: EvalArguments, backend: str) -> str:
+    """The dtype the samples are generated in, by name: with the transformers backend what `requested` (a --dtype
+    value) resolves to on this machine for --base_model (`HFBackend`'s rule, so `auto` reads float32 on a CPU without
+    native bf16 and bfloat16 on a recent GPU); with vLLM always "auto", vLLM's own choice (it ignores --dtype).
+
+    Recorded resolved, not as the flag: the same flag on another machine can give another dtype, and other samples."""
+    if backend != "hf":
+        return "auto"
+    import torch
+
+    from pwopsd.device import checkpoint_dtype, compute_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = checkpoint_dtype(args.base_model, trust_remote_code=args.trust_remote_code)
+    return str(compute_dtype(requested, device, checkpoint)).removeprefix("torch.")
+
+
 def run_settings(args: EvalArguments, backend: str) -> dict[str, Any]:
-    """What a resumed run must share with the partial file it resumes."""
+    """What a resumed run must share with the partial file it resumes: everything that changes the samples or the
+    answers read from them (the answer format is applied at grading, but a log is one run: mixing is refused)."""
     keys = (
         "base_model", "checkpoint_dir", "dataset", "data_file", "val_n", "temperature", "top_p", "top_k", "min_p",
         "presence_penalty", "enable_thinking", "max_new_tokens", "max_model_len", "seed",
     )  # fmt: skip
-    return {"backend": backend, **{k: getattr(args, k) for k in keys}, "sample_seed_rule": args.sample_seeds}
+    return {
+        "backend": backend,
+        **{k: getattr(args, k) for k in keys},
+        "sample_seed_rule": args.sample_seeds,
+        "dtype": generation_dtype(args.dtype, args, backend),
+        "answer_format": args.answer_format,
+    }
+
+
+def legacy_settings(args: EvalArguments, backend: str) -> dict[str, Any]:
+    """Values of the settings a partial log written before they were recorded holds implicitly: the defaults of the
+    time. `answer_format`: boxed, the only rule then. `dtype`: what `--dtype auto` (the default) resolves to here, so
+    the default command resumes such a log and an explicit other dtype is refused (never a silent mix of dtypes)."""
+    return {"answer_format": "boxed", "dtype": generation_dtype("auto", args, backend)}
 
 
 class PartialLog:
@@ -195,9 +242,13 @@ class PartialLog:
     The file is created with the first finished problem, not before: a run that fails before it (a bad model, a bad
     adapter) leaves no file that would make the corrected command refuse to start."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], resume: bool) -> None:
+    def __init__(
+        self, path: Path, settings: dict[str, Any], resume: bool, legacy: dict[str, Any] | None = None
+    ) -> None:
+        """`legacy`: the value of each setting that a header written before the setting was recorded lacks."""
         self.path = path
         self.settings = settings
+        self.legacy = dict(legacy or {})
         self.done: dict[int, dict[str, Any]] = {}
         if path.exists() and not resume:
             path.unlink()
@@ -229,6 +280,8 @@ class PartialLog:
         saved = dict(header["settings"])
         if saved.get("backend") == "vllm":  # written before the rule was recorded: vLLM always used the engine rule
             saved.setdefault("sample_seed_rule", "engine")
+        for key, value in self.legacy.items():
+            saved.setdefault(key, value)
         changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
         if changed and len(records) == 1:  # no problem in it (a run that failed to start): nothing to lose
             logger.info("replacing %s: it holds no problem and was written with other settings", self.path)
@@ -295,9 +348,13 @@ def build_result(
     grader: MathGrader,
     backend: str,
     data_source: str,
+    dtype: str,
 ) -> dict[str, Any]:
-    """Grade every problem and assemble the output JSON: run settings, metrics, pwopsd's extras, per-problem results."""
-    predictions = [[extract_boxed_answer(text) for text in texts] for texts in generations]
+    """Grade every problem and assemble the output JSON: run settings, metrics, pwopsd's extras, per-problem results.
+
+    The answers are read with --answer_format (`extract.extract_answer`); a sample is formatted when its rule found
+    an answer (a box; with boxed_or_last_number also a number)."""
+    predictions = [[extract_answer(text, args.answer_format) for text in texts] for texts in generations]
     formatted = [[p is not None for p in preds] for preds in predictions]
     graded = grader.grade_problems(
         [(preds, flags, p.ground_truth) for preds, flags, p in zip(predictions, formatted, problems)]
@@ -314,7 +371,7 @@ def build_result(
         **result_settings(args),
         **metrics,
         "pass_at_k": pass_at_k_table(num_correct, args.val_n),
-        **result_provenance(args, grader, backend, data_source),
+        **result_provenance(args, grader, backend, data_source, dtype),
         "results": results,
     }
 
@@ -322,8 +379,8 @@ def build_result(
 def sample_entries(
     texts: Sequence[str], predictions: Sequence[str | None], formatted: Sequence[bool], correct: Sequence[bool]
 ) -> list[dict[str, Any]]:
-    """One entry per sample, in generation order: the stored answer (`stored_answer`: the box's content, or
-    `[No boxed answer found]` without a box or for an empty one), the text, its grade and whether it had a box."""
+    """One entry per sample, in generation order: the stored answer (`stored_answer`: the extracted answer, or
+    `[No boxed answer found]` without one or for an empty box), the text, its grade and whether it had an answer."""
     return [
         {
             "predicted_answer": stored_answer(pred),
@@ -360,12 +417,19 @@ def result_settings(args: EvalArguments) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def result_provenance(args: EvalArguments, grader: MathGrader, backend: str, data_source: str) -> dict[str, Any]:
-    """pwopsd's extras after the metrics: how the samples were generated and graded, where the problems came from."""
+def result_provenance(
+    args: EvalArguments, grader: MathGrader, backend: str, data_source: str, dtype: str
+) -> dict[str, Any]:
+    """pwopsd's extras after the metrics: how the samples were generated and graded, where the problems came from.
+
+    `dtype` is the compute dtype of the samples (`generation_dtype`); `answer_format` the extraction rule. A file
+    without them (older pwopsd, the reference) was read with the boxed rule."""
     return {
         "backend": backend,
+        "dtype": dtype,
         "sample_seed_rule": args.sample_seeds,
         "grader": args.grader,
+        "answer_format": args.answer_format,
         "math_verify_version": importlib.metadata.version("math-verify"),
         "grading_timeouts": grader.timeouts,
         "checkpoint_dir": args.checkpoint_dir,
@@ -390,7 +454,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     with MathGrader(args.grader, args.grading_timeout, args.grading_workers) as grader:  # warms up meanwhile
         generate_missing(args, problems, partial, backend)
         generations = [partial.done[i]["generations"] for i in range(len(problems))]
-        result = build_result(args, problems, generations, grader, backend, data_source)
+        result = build_result(args, problems, generations, grader, backend, data_source, partial.settings["dtype"])
     try:
         atomic_write_json(output, result)
     except OSError as e:
@@ -462,7 +526,12 @@ def choose_backend(args: EvalArguments) -> str:
 
 def open_partial_log(args: EvalArguments, output: Path, problems: Sequence[Problem], backend: str) -> PartialLog:
     """The partial log next to `output`, checked against the problems it claims to have finished."""
-    partial = PartialLog(output.with_name(output.name + PARTIAL_SUFFIX), run_settings(args, backend), args.resume)
+    partial = PartialLog(
+        output.with_name(output.name + PARTIAL_SUFFIX),
+        run_settings(args, backend),
+        args.resume,
+        legacy=legacy_settings(args, backend),
+    )
     for index, record in partial.done.items():
         if index >= len(problems) or record["problem_id"] != problems[index].problem_id:
             raise UserError(f"{partial.path} does not match the problems of --dataset {args.dataset}; pass --no_resume")
@@ -483,6 +552,11 @@ def generate_missing(args: EvalArguments, problems: Sequence[Problem], partial: 
     else:
         engine = HFBackend(args, tokenizer)
         logger.info("%s", engine.description)
+        loaded = str(engine.dtype).removeprefix("torch.")
+        if loaded != partial.settings["dtype"]:  # generation_dtype must follow HFBackend's rule
+            raise RuntimeError(
+                f"the model was loaded in {loaded}, but the partial log records {partial.settings['dtype']}"
+            )
     for index, texts in engine.generate(prompts, todo):
         partial.add(index, problems[index].problem_id, texts)
 

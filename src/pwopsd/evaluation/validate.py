@@ -10,7 +10,9 @@ a JSON object (the result keys of docs/evaluation.md#output-json) with:
   given. `run_eval.sh` evaluates with 12 samples, thinking on, 38,912 new tokens, temperature 1.0 and top-p 0.95
   (docs/architecture.md#evaluation-launcher).
 Two checks go beyond the reference's validation and catch truncated or corrupt files: `results` holds exactly
-`num_problems` entries and every *_pct value is a number in [0, 100].
+`num_problems` entries and every *_pct value is a number in [0, 100]. A third keeps the paper's grading: the answers
+were read with the boxed rule (`answer_format` "boxed", or absent as in files written before it was recorded); a file
+evaluated with `--answer_format boxed_or_last_number` counts unboxed numbers as answers and is not the paper's run.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def eval_result_problems(result: Any, dataset: str, base_model: str, seed: int |
             problems.append(f"{key} is {result.get(key)!r}, expected {expected!r}")
     if result.get("enable_thinking") is not True:
         problems.append(f"enable_thinking is {result.get('enable_thinking')!r}, expected True")
+    answer_format = result.get("answer_format", "boxed")  # absent: written before the key existed, boxed rule
+    if answer_format != "boxed":
+        problems.append(f"answer_format is {answer_format!r}, expected 'boxed' (the reference's rule)")
     for key in PCT_KEYS:
         if key not in result:
             problems.append(f"{key} is missing")
