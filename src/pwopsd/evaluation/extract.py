@@ -94,5 +94,7 @@ def extract_answer(text: str | None, answer_format: str = "boxed") -> str | None
     try:
         rule = ANSWER_FORMATS[answer_format]
     except KeyError:
-        raise ValueError(f"unknown answer format {answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}") from None
+        raise ValueError(
+            f"unknown answer format {answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}"
+        ) from None
     return rule(text)
