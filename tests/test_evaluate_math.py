@@ -834,6 +834,35 @@ def test_one_problem_batches_give_the_same_samples_as_padded_batches(tiny_model_
         generate.HFBackend(args, tokenizer, batching="rows")
 
 
+def test_shared_prompt_pass_gives_the_same_samples(tiny_model_dir, single_thread) -> None:
+    """The per-problem path computes the prompt's cache once and repeats it for the N rows; the samples equal those of
+    recomputing the prompt for every row (sharing off), and `generate` receives a cache of P - 1 positions x N rows."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model_dir("qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    problems = load_benchmark("math500", None)[0][:3]
+    prompts = [generate.build_prompt(tokenizer, p.problem, False) for p in problems]
+    args = EvalArguments(base_model=str(model), dataset="math500", output_file="o", val_n=4, max_new_tokens=10,
+                         seed=3, dtype="float32", presence_penalty=0.5)  # fmt: skip
+    texts, caches = {}, []
+    for share in (False, True):
+        backend = generate.HFBackend(args, tokenizer)
+        backend.share_prefill = share
+
+        def spy(*a, _real=backend.model.generate, **k):
+            cache = k.get("past_key_values")
+            caches.append(None if cache is None else (cache.get_seq_length(), cache.layers[0].keys.shape[0]))
+            return _real(*a, **k)
+
+        backend.model.generate = spy
+        texts[share] = dict(backend.generate(prompts, list(range(3))))
+    assert texts[True] == texts[False]
+    assert all(len(set(t)) > 1 for t in texts[True].values())  # sampled: the 4 rows differ
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    assert caches == [None] * 3 + [(n - 1, 4) for n in lengths]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # --answer_format, and the answer format and dtype in the resume settings and the result
 

