@@ -1,7 +1,8 @@
 """Command line of the diagnostic (`python code/diagnose.py {profile,viability} ...`).
 
-Both commands read problems (problem, solution, answer) from `--data_file`, run the student (transformers backend; the
-teacher is the same network with the reference solution in its prompt), append each finished problem to
+Both commands read problems (problem, solution, answer) from `--data_file`, run the student (generation by vLLM or
+transformers, `--backend`; the full-vocabulary logits always by transformers; the teacher is the same network with the
+reference solution in its prompt), read each answer by `--answer_format`, append each finished problem to
 `OUT_DIR/{command}.records.partial.jsonl` (a re-run skips those; other settings are refused unless `--no_resume`), and
 write `OUT_DIR/{command}.json` (settings, records, summary) atomically, a CSV of the bins and PNG figures.
 """
@@ -15,12 +16,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pwopsd.evaluation.extract import ANSWER_FORMATS
 from pwopsd.io import UserError, atomic_write_json, run_main
 
 PROG = "diagnose.py"
 
 # Settings that do not change the records: a resumed run may change them.
-_SUMMARY_ONLY = ("out_dir", "num_problems", "bins", "bootstrap", "no_resume", "no_plots", "grader_timeout", "command")
+_SUMMARY_ONLY = (
+    "out_dir",
+    "num_problems",
+    "bins",
+    "bootstrap",
+    "no_resume",
+    "no_plots",
+    "grader_timeout",
+    "command",
+    "gpu_memory_utilization",
+)
+BACKENDS = ("auto", "vllm", "transformers")
+"""`--backend`: what generates rollouts, spines and continuations (`core.resolve_backend`; logits: transformers)."""
+# Settings added after the first records logs: a log without them was written with these values.
+_LEGACY = {"answer_format": "boxed", "backend": "transformers", "hf_batching": "length"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max_completion_length", type=int, default=1024, help="rollout (spine) length in tokens")
     common.add_argument("--teacher_think", default="reference", choices=("reference", "match_student", "open_think"))
     common.add_argument("--grader", default="reference", choices=("reference", "strict"))
+    common.add_argument(
+        "--answer_format",
+        default="boxed",
+        choices=tuple(ANSWER_FORMATS),
+        help="how a prediction's answer is read: the last \\boxed{} (the reference), or without a box the last number "
+        "(models that never box); gold solutions always use the box",
+    )
+    common.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="generation of rollouts, spines and continuations: auto = vllm when installed and CUDA is available, "
+        "else transformers (the logits always come from transformers)",
+    )
+    common.add_argument(
+        "--hf_batching",
+        default="length",
+        choices=("length", "padded"),
+        help="transformers backend: one unpadded generate call per prompt length (exact per row), or every row of a "
+        "call left-padded into one (3-4x faster viability continuations on a CPU)",
+    )
+    common.add_argument(
+        "--gpu_memory_utilization",
+        type=float,
+        default=0.5,
+        help="vllm backend: vLLM's share of the GPU memory; the rest holds the transformers copy for the logits",
+    )
     common.add_argument("--grader_timeout", type=float, default=5.0)
     common.add_argument("--bins", type=int, default=20, help="number of u-bins")
     common.add_argument("--bootstrap", type=int, default=1000, help="cluster-bootstrap resamples")
@@ -85,6 +128,8 @@ def check(args: argparse.Namespace) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.grader_timeout <= 0:
         raise UserError(f"--grader_timeout must be > 0 seconds, got {args.grader_timeout}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.command == "profile" and args.jsd_token_clip < 0:
         raise UserError(f"--jsd_token_clip must be >= 0 (0 = no clip), got {args.jsd_token_clip}")
 
@@ -103,15 +148,24 @@ def run(argv: Sequence[str] | None) -> int:
 
     module = profile if args.command == "profile" else viability
     out_dir = Path(args.out_dir)
+    backend_name = core.resolve_backend(args.backend)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in _SUMMARY_ONLY}
     settings["command"] = args.command
-    log = core.PartialLog(out_dir / f"{args.command}.records.partial.jsonl", settings, resume=not args.no_resume)
+    settings["backend"] = backend_name  # the one used: a run is not resumed with another engine's samples
+    log = core.PartialLog(
+        out_dir / f"{args.command}.records.partial.jsonl", settings, resume=not args.no_resume, legacy=_LEGACY
+    )
     todo = [p for p in problems if p.index not in log.done]
-    if todo:  # the model is loaded only when a problem is left
+    if todo:  # the models are loaded only when a problem is left
         lm = core.load_model(args.model, args.device, args.dtype)
+        backend: core.GenerationBackend = (
+            core.VLLMBackend(args.model, args.dtype, args.gpu_memory_utilization, lm.eos_ids, args.seed)
+            if backend_name == "vllm"
+            else core.TransformersBackend(lm, args.hf_batching)
+        )
         with MathGrader(args.grader, args.grader_timeout, num_workers=1) as grader:
             for problem in tqdm(todo, desc=f"{args.command} (problems)"):
-                log.append(problem.index, module.run_problem(lm, grader, problem, args))
+                log.append(problem.index, module.run_problem(lm, backend, grader, problem, args))
     per_problem = [log.done[p.index] for p in problems]
     if args.command == "profile":
         records: Any = [r for recs in per_problem for r in recs]
@@ -139,7 +193,7 @@ def run(argv: Sequence[str] | None) -> int:
         "num_problems": args.num_problems,
         "bins": args.bins,
         "bootstrap": args.bootstrap,
-        "backend": "transformers",
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     atomic_write_json(out_dir / f"{args.command}.json", {"settings": settings, "records": records, "summary": summary})
     report(args.command, summary, out_dir)

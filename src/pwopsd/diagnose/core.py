@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -176,32 +177,205 @@ class Sampling:
     top_k: int = 0
 
 
+def row_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each of `n` rows of one generation call: `seed_for(seed, i)` for row i (both backends)."""
+    return [seed_for(seed, i) for i in range(n)]
+
+
+HF_BATCHING = ("length", "padded")
+"""`--hf_batching` of the transformers backend: `length` = one unpadded `generate` call per prompt length (a row's
+sample depends only on its ids and seed); `padded` = every row of a call left-padded into one `generate` call (on a
+CPU a decode step of 12 rows costs about what one of 3 rows does, so viability's continuations run 3-4x faster; a
+row's logits can then differ in the last bits with the padding its batch-mates impose)."""
+
+
 @torch.no_grad()
-def generate(
-    lm: LoadedModel, inputs: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int
+def generate_seeded(
+    lm: LoadedModel,
+    inputs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    seeds: Sequence[int],
+    batching: str = "length",
 ) -> list[list[int]]:
-    """Continue each row of `inputs` (all of the same length: no padding) by the student; new ids cut at EOS.
+    """Continue each row of `inputs` by the student (transformers); new ids cut at EOS.
 
-    `torch.manual_seed(seed)` right before the call makes a row's continuation a function of (seed, batch).
+    Each row samples from its own CPU `torch.Generator` seeded with `seeds[i]` (the evaluator's `RowSampler` after
+    temperature, top-k and top-p), so a row's draws never depend on the other rows of the call; temperature 0 is
+    greedy. `batching` (HF_BATCHING): rows of equal length share one unpadded call, or all rows share one left-padded
+    call (attention mask 0 on the pads; transformers derives the position ids from the mask).
     """
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
-    if len({len(r) for r in inputs}) != 1:
-        raise ValueError("generate() takes rows of one length (no padding)")
-    ids = torch.tensor([list(r) for r in inputs], dtype=torch.long, device=lm.device)
+    from pwopsd.evaluation.generate import RowSampler
+
+    if len(seeds) != len(inputs):
+        raise ValueError("generate_seeded() takes one seed per row")
+    if batching not in HF_BATCHING:
+        raise ValueError(f"unknown batching {batching!r}; choose one of {', '.join(HF_BATCHING)}")
     greedy = sampling.temperature == 0
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p,
-        top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
-        eos_token_id=lm.eos_ids,
-        pad_token_id=lm.pad_id,
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=lm.eos_ids, pad_token_id=lm.pad_id
     )
-    torch.manual_seed(seed)
-    out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return [cut_at_eos(row[ids.shape[1] :].tolist(), lm.eos_ids) for row in out]
+    out: list[list[int] | None] = [None] * len(inputs)
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(inputs):
+        groups.setdefault(0 if batching == "padded" else len(row), []).append(i)
+    for rows in groups.values():
+        width = max(len(inputs[i]) for i in rows)
+        padded = [[lm.pad_id] * (width - len(inputs[i])) + list(map(int, inputs[i])) for i in rows]
+        ids = torch.tensor(padded, dtype=torch.long, device=lm.device)
+        mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in rows], device=lm.device)
+        processors: list[Any] = []
+        if not greedy:
+            if sampling.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k > 0:
+                processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+            generators = [torch.Generator().manual_seed(int(seeds[i])) for i in rows]
+            processors.append(RowSampler(generators))
+        gen = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList(processors),
+        )
+        for i, row in zip(rows, gen):
+            out[i] = cut_at_eos(row[width:].tolist(), lm.eos_ids)
+    return [r for r in out if r is not None]
+
+
+def generate(
+    lm: LoadedModel,
+    inputs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int,
+    batching: str = "length",
+) -> list[list[int]]:
+    """Continue each row of `inputs` (any lengths) by the student; new ids cut at EOS; row i seeded by
+    `row_seeds(seed, ...)[i]` (see `generate_seeded`)."""
+    return generate_seeded(lm, inputs, max_new_tokens, sampling, row_seeds(seed, len(inputs)), batching)
+
+
+class GenerationBackend(Protocol):
+    """What the diagnostics need from a generator: continue rows of token ids; new ids cut at the first EOS."""
+
+    name: str
+
+    def generate(
+        self, inputs: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int
+    ) -> list[list[int]]: ...
+
+
+class TransformersBackend:
+    """Generation by the same transformers model that computes the logits (`generate`, `batching` of HF_BATCHING)."""
+
+    name = "transformers"
+
+    def __init__(self, lm: LoadedModel, batching: str = "length") -> None:
+        self.lm = lm
+        self.batching = batching
+
+    def generate(
+        self, inputs: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int
+    ) -> list[list[int]]:
+        return generate(self.lm, inputs, max_new_tokens, sampling, seed, self.batching)
+
+
+class VLLMBackend:
+    """Generation by a vLLM engine on the same checkpoint, from token ids (no re-tokenization).
+
+    One `LLM.generate` call per `generate`: row i is the request `{"prompt_token_ids": row}` with its own
+    `SamplingParams(n=1, seed=row_seeds(seed, ...)[i])`, so, as with transformers, a row's sample depends on its ids
+    and seed only. vLLM returns only top-k logprobs, so the full-vocabulary teacher/student logits still come from the
+    transformers copy; `gpu_memory_utilization` is vLLM's share of the GPU and leaves the rest to that copy.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str, dtype: str, gpu_memory_utilization: float, eos_ids: Sequence[int], seed: int):
+        from vllm import LLM, SamplingParams
+
+        self._params = SamplingParams
+        self.eos_ids = [int(t) for t in eos_ids]
+        self.llm = LLM(
+            model=model,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            enforce_eager=True,  # as the evaluator: no graph capture at start-up, for a few short calls
+        )
+
+    def sampling_params(self, max_new_tokens: int, sampling: Sampling, seed: int) -> Any:
+        """vLLM's parameters for one row: top_k -1 and top_p 1 are vLLM's "off"; temperature 0 is greedy."""
+        greedy = sampling.temperature == 0
+        return self._params(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=-1 if greedy or sampling.top_k <= 0 else sampling.top_k,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            stop_token_ids=list(self.eos_ids),
+            detokenize=False,  # only the ids are used
+        )
+
+    def generate(
+        self, inputs: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int
+    ) -> list[list[int]]:
+        if not inputs:
+            return []
+        prompts = [{"prompt_token_ids": [int(t) for t in row]} for row in inputs]
+        params = [self.sampling_params(max_new_tokens, sampling, s) for s in row_seeds(seed, len(inputs))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._ids(o.outputs[0]) for o in outputs]
+
+    def _ids(self, completion: Any) -> list[int]:
+        """The completion's ids cut at EOS; a request stopped by a stop id that vLLM left out gets it back, so a
+        finished branch ends with its EOS under both backends."""
+        ids = [int(t) for t in completion.token_ids]
+        if getattr(completion, "finish_reason", None) == "stop" and not (ids and ids[-1] in self.eos_ids):
+            reason = getattr(completion, "stop_reason", None)
+            ids.append(int(reason) if isinstance(reason, int) else self.eos_ids[0])
+        return cut_at_eos(ids, self.eos_ids)
+
+
+def vllm_installed() -> bool:
+    """Whether `import vllm` can work (without importing it: it is heavy and GPU-only)."""
+    import importlib.util
+
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_backend(name: str) -> str:
+    """auto = vllm when vLLM is installed and CUDA is available, else transformers; vllm without either is an error."""
+    if name == "auto":
+        return "vllm" if vllm_installed() and cuda_available() else "transformers"
+    if name == "vllm" and not vllm_installed():
+        raise UserError(
+            "--backend vllm: vLLM is not installed; pip install vllm (CUDA only) or pass --backend transformers"
+        )
+    if name == "vllm" and not cuda_available():
+        raise UserError("--backend vllm needs a CUDA GPU (none is visible); pass --backend transformers")
+    return name
 
 
 @torch.no_grad()
@@ -264,8 +438,11 @@ class PartialLog:
     """Finished problems, one JSON line each after a header line holding the settings; appended and fsynced, so an
     interrupted run resumes with the problems it had finished and a re-run with other settings is refused."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], resume: bool) -> None:
+    def __init__(
+        self, path: Path, settings: dict[str, Any], resume: bool, legacy: dict[str, Any] | None = None
+    ) -> None:
         self.path = path
+        self.legacy = legacy or {}  # settings added later: a log written before them holds these values
         self.settings = settings
         self.done: dict[int, Any] = {}
         self._fresh = not (path.exists() and resume)  # the old log is replaced only when a new problem is done
@@ -275,7 +452,7 @@ class PartialLog:
     def _load(self, settings: dict[str, Any]) -> None:
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         try:
-            header = json.loads(lines[0])["header"]
+            header = {**self.legacy, **json.loads(lines[0])["header"]}
         except (IndexError, KeyError, TypeError, json.JSONDecodeError):
             raise UserError(f"{self.path} is not a records log of this tool; delete it or pass --no_resume") from None
         diff = sorted(k for k in set(header) | set(settings) if header.get(k) != settings.get(k))

@@ -17,24 +17,28 @@ import numpy as np
 import torch
 
 from pwopsd.diagnose import core, stats
-from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.extract import extract_answer
 from pwopsd.prompts import student_prompt_text, teacher_prompt_text
 
 SPLITS = ("all", "correct", "incorrect")
 
 
 def run_problem(
-    lm: core.LoadedModel, grader: Any, problem: core.DiagProblem, args: argparse.Namespace
+    lm: core.LoadedModel,
+    backend: core.GenerationBackend,
+    grader: Any,
+    problem: core.DiagProblem,
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    """The rollout records of one problem: ids, correctness and the per-token metrics."""
+    """The rollout records of one problem: ids, correctness (answer read by `--answer_format`) and the per-token
+    metrics. `backend` samples the rollouts; the logits come from the transformers model `lm`."""
     tok = lm.tokenizer
     s_prompt = core.prompt_ids(tok, student_prompt_text(tok, problem.problem))
     t_prompt = core.prompt_ids(
         tok, teacher_prompt_text(tok, problem.problem, problem.solution, think_mode=args.teacher_think)
     )
     sampling = core.Sampling(args.temperature, args.top_p, args.top_k)
-    rollouts = core.generate(
-        lm,
+    rollouts = backend.generate(
         [s_prompt] * args.rollouts,
         args.max_completion_length,
         sampling,
@@ -43,7 +47,7 @@ def run_problem(
     records = []
     for r, completion in enumerate(rollouts):
         text = core.completion_text(tok, completion, lm.eos_ids)
-        predicted = extract_boxed_answer(text)
+        predicted = extract_answer(text, args.answer_format)
         record: dict[str, Any] = {
             "problem_index": problem.index,
             "rollout": r,

@@ -3,10 +3,12 @@
 Per problem the student samples `--spines` rollouts (spines). At `--prefixes` positions spread over each spine (the
 token at u_i = (i + 1/2)/K, i = 0..K-1, i.e. index floor(u_i · L)) the teacher's `--alternatives` most likely next
 tokens are forced, one branch each, right after the student prompt + the spine's first tokens (on ids: see
-`core.forced_branch_ids`); the student continues for `--continuation_tokens` tokens (greedy or sampled, seeded by
-(seed, problem, spine, position)), and the branch is viable when the final `\\boxed{}` of spine prefix + alternative +
-continuation is graded correct against the gold by the project's grader. Predictors of viability are scored by AUROC
-with a cluster-bootstrap interval over problems; the viability rate by u gives a position-weight schedule.
+`core.forced_branch_ids`); the student continues for `--continuation_tokens` tokens (greedy or sampled; the branches of
+a spine in one generation call, row i seeded by `core.row_seeds(seed_for(seed, problem, "branch", spine))[i]`), and
+the branch is viable when the answer of spine prefix + alternative + continuation (its final `\\boxed{}`; under
+`--answer_format boxed_or_last_number`, without a box, its last number) is graded correct against the gold by the
+project's grader. Predictors of viability are scored by AUROC with a cluster-bootstrap interval over problems; the
+viability rate by u gives a position-weight schedule.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pwopsd.diagnose import core, stats
-from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.extract import extract_answer
 from pwopsd.prompts import student_prompt_text, teacher_prompt_text
 
 PREDICTORS = (
@@ -44,16 +46,21 @@ def prefix_positions(length: int, prefixes: int) -> list[int]:
     return sorted({min(int(((i + 0.5) / prefixes) * length), length - 1) for i in range(prefixes)})
 
 
-def label(grader: Any, text: str, gold: str) -> tuple[str | None, bool]:
-    """(the final `\\boxed{}` answer of a branch's text, whether the grader says it equals the gold)."""
-    predicted = extract_boxed_answer(text)
+def label(grader: Any, text: str, gold: str, answer_format: str = "boxed") -> tuple[str | None, bool]:
+    """(the answer of a branch's text under `answer_format`, whether the grader says it equals the gold)."""
+    predicted = extract_answer(text, answer_format)
     return predicted, bool(grader.grade(predicted, gold))
 
 
 def run_problem(
-    lm: core.LoadedModel, grader: Any, problem: core.DiagProblem, args: argparse.Namespace
+    lm: core.LoadedModel,
+    backend: core.GenerationBackend,
+    grader: Any,
+    problem: core.DiagProblem,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """The spines and branch records of one problem."""
+    """The spines and branch records of one problem. `backend` samples the spines and the continuations (those of one
+    spine in one call); the teacher/student logits come from the transformers model `lm`."""
     tok = lm.tokenizer
     s_prompt = core.prompt_ids(tok, student_prompt_text(tok, problem.problem))
     t_prompt = core.prompt_ids(
@@ -61,8 +68,7 @@ def run_problem(
     )
     sampling = core.Sampling(args.temperature, args.top_p, args.top_k)
     cont_sampling = core.Sampling(0.0) if args.continuation == "greedy" else sampling
-    spines = core.generate(
-        lm,
+    spines = backend.generate(
         [s_prompt] * args.spines,
         args.max_completion_length,
         sampling,
@@ -71,7 +77,8 @@ def run_problem(
     spine_records, branches = [], []
     eos = set(lm.eos_ids)
     for j, spine in enumerate(spines):
-        predicted, correct = label(grader, core.completion_text(tok, spine, lm.eos_ids), problem.answer)
+        text = core.completion_text(tok, spine, lm.eos_ids)
+        predicted, correct = label(grader, text, problem.answer, args.answer_format)
         spine_records.append(
             {"problem_index": problem.index, "spine": j, "ids": spine, "predicted": predicted, "correct": correct}
         )
@@ -80,27 +87,33 @@ def run_problem(
         lq = F.log_softmax(core.completion_logits(lm, t_prompt, spine) / args.temperature, dim=-1)
         lp = F.log_softmax(core.completion_logits(lm, s_prompt, spine) / args.temperature, dim=-1)
         n = len(spine)
+        prefixes = []  # (position, its alternatives, the quantities at the prefix)
         for k in prefix_positions(n, args.prefixes):
             q, p = lq[k], lp[k]
             alts = q.topk(min(args.alternatives, q.numel())).indices.tolist()
-            inputs = [core.forced_branch_ids(s_prompt, spine, k, a) for a in alts]
-            conts = core.generate(
-                lm,
-                inputs,
-                args.continuation_tokens,
-                cont_sampling,
-                core.seed_for(args.seed, problem.index, "branch", j, k),
-            )
             at_prefix = {
                 "teacher_entropy": float(torch.special.entr(q.exp()).sum()),
                 "student_entropy": float(torch.special.entr(p.exp()).sum()),
                 "kl_forward": float((q.exp() * (q - p)).sum()),
                 "kl_reverse": float((p.exp() * (p - q)).sum()),
             }
-            for rank, (alt, cont) in enumerate(zip(alts, conts), 1):
+            prefixes.append((k, alts, at_prefix))
+        inputs = [core.forced_branch_ids(s_prompt, spine, k, a) for k, alts, _ in prefixes for a in alts]
+        conts = iter(
+            backend.generate(
+                inputs,
+                args.continuation_tokens,
+                cont_sampling,
+                core.seed_for(args.seed, problem.index, "branch", j),
+            )
+        )
+        for k, alts, at_prefix in prefixes:
+            q, p = lq[k], lp[k]
+            for rank, alt in enumerate(alts, 1):
+                cont = next(conts)
                 cont = [] if alt in eos else cont  # a forced EOS ends the branch
                 text = core.completion_text(tok, [*spine[:k], alt, *cont], lm.eos_ids)
-                predicted, viable = label(grader, text, problem.answer)
+                predicted, viable = label(grader, text, problem.answer, args.answer_format)
                 branches.append(
                     {
                         "problem_index": problem.index,
