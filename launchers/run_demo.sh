@@ -111,7 +111,8 @@ if [[ -f "$DIAG/profile.json" ]]; then
 else
   stage "diagnose profile of the base model on arith[:2], 2 rollouts, $MAX_NEW_TOKENS tokens -> $DIAG"
   python code/diagnose.py profile --model "$BASE" --data_file data/arith.jsonl --num_problems 2 --rollouts 2 \
-    --max_completion_length "$MAX_NEW_TOKENS" --bootstrap 200 --device cpu --dtype float32 --out_dir "$DIAG"
+    --max_completion_length "$MAX_NEW_TOKENS" --bootstrap 200 --device cpu --dtype auto \
+    --answer_format boxed_or_last_number --temperature 0.7 --out_dir "$DIAG"
 fi
 echo "diagnose profile figure: $DIAG/profile.png"
 

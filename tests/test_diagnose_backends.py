@@ -408,3 +408,21 @@ def test_padded_batching_gives_the_greedy_branches_of_length_batching(tiny, tmp_
     assert results["padded"]["settings"]["hf_batching"] == "padded"
     assert results["padded"]["records"] == results["length"]["records"]
     assert len({len(s["ids"]) for s in results["padded"]["records"]["spines"]}) >= 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_cpus_bf16_capability(tiny, tmp_path, monkeypatch, native):
+    """`--dtype auto` loads a bf16 checkpoint in bf16 on a CPU with native bf16 matmul and in float32 on one without
+    (an AVX2-only CPU computes bf16 about 10x slower); an explicit dtype is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from pwopsd import device
+
+    path = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.bfloat16).save_pretrained(path)
+    tiny[2].save_pretrained(path)
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    monkeypatch.setattr(device, "_native_bf16", lambda device_type: native)
+    assert core.load_model(str(path), "cpu", "auto").model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert core.load_model(str(path), "cpu", "bfloat16").model.dtype == torch.bfloat16

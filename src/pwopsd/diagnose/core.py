@@ -113,19 +113,22 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     """The model and tokenizer (transformers backend), in eval mode, or a one-line error naming --model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pwopsd.device import checkpoint_dtype, compute_dtype
     from pwopsd.rollouts import eos_token_ids
 
     check_model_path(path)
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    # `auto`: the checkpoint's dtype when `dev` computes it natively, else float32 (a bf16 model on an AVX2-only CPU)
+    torch_dtype = compute_dtype(dtype, dev, checkpoint_dtype(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model {path} is not a model: {first_line(e)}") from None
     if getattr(tokenizer, "chat_template", None) is None:
         raise UserError(f"--model {path}: its tokenizer has no chat template (the prompts need one)")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model = model.to(dev).eval()
     eos = list(dict.fromkeys(eos_token_ids(model, tokenizer)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
