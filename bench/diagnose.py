@@ -58,6 +58,15 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="see the module docstring (launchers: 1.1)")
     parser.add_argument("--answer_format", default="boxed_or_last_number")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--profile_bins", type=int, default=20, help="u-bins of the profile (many tokens per bin)")
+    parser.add_argument(
+        "--viability_bins",
+        type=int,
+        default=None,
+        help="u-bins of the viability curve and the schedule fit; default --prefixes: the K prefix positions sit at "
+        "u = (i + 1/2)/K, the centres of K equal bins, so each bin holds one prefix position (20 bins over 4 "
+        "positions leave bins of a handful of branches, which the fit then chases)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("profile", "viability"), default=None, help="run one command only")
     args = parser.parse_args()
@@ -74,9 +83,10 @@ def main() -> int:
               "--seed", str(args.seed), "--temperature", str(args.temperature), "--answer_format", args.answer_format,
               "--backend", "transformers", "--hf_batching", "padded", "--device", "cpu", "--dtype", "float32", "--out_dir", str(out)]  # fmt: skip
     commands = {
-        "profile": ["--rollouts", str(args.rollouts)],
+        "profile": ["--rollouts", str(args.rollouts), "--bins", str(args.profile_bins)],
         "viability": ["--spines", str(args.spines), "--prefixes", str(args.prefixes), "--alternatives",
-                      str(args.alternatives), "--continuation_tokens", str(args.continuation_tokens)],
+                      str(args.alternatives), "--continuation_tokens", str(args.continuation_tokens),
+                      "--bins", str(args.viability_bins or args.prefixes)],
     }  # fmt: skip
     if args.only:
         commands = {args.only: commands[args.only]}
