@@ -417,13 +417,18 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, tmp_path, si
     assert resumed == uninterrupted
 
 
-def test_partial_file_checks(tiny_model_dir, tmp_path, capsys) -> None:
+def _aime_run(tiny_model_dir, tmp_path) -> tuple[Path, Path, list[str], dict]:
+    """(output file, its partial log, the argv of a 2-problem aime24 run on the tiny model, that run's settings)."""
     model = tiny_model_dir("qwen3")
     out = tmp_path / "o.json"
     partial = Path(str(out) + ".partial.jsonl")
     argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
             "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
-    settings = evaluate.run_settings(evaluate.parse_args(argv), "hf")
+    return out, partial, argv, evaluate.run_settings(evaluate.parse_args(argv), "hf")
+
+
+def test_partial_file_checks(tiny_model_dir, tmp_path, capsys) -> None:
+    out, partial, argv, settings = _aime_run(tiny_model_dir, tmp_path)
     header = json.dumps({"pwopsd_partial": 1, "settings": settings})
     # a finished problem is reused as is, not regenerated
     partial.write_text(header + "\n" + json.dumps({"index": 0, "problem_id": 60, "generations": ["so \\boxed{204}"]}) + "\n")
@@ -948,12 +953,7 @@ def test_partial_log_without_answer_format_and_dtype_resumes_with_the_defaults(t
                                                                                capsys) -> None:  # fmt: skip
     """A log written before the two keys were recorded counts as boxed and --dtype auto (here float32): the default
     command and an explicit --dtype float32 resume it; another rule or dtype is refused."""
-    model = tiny_model_dir("qwen3")
-    out = tmp_path / "o.json"
-    partial = Path(str(out) + ".partial.jsonl")
-    argv = ["--base_model", str(model), "--dataset", "aime24", "--num_samples", "2", "--val_n", "1",
-            "--max_new_tokens", "4", "--backend", "hf", "--seed", "0", "--output_file", str(out)]  # fmt: skip
-    settings = evaluate.run_settings(evaluate.parse_args(argv), "hf")
+    out, partial, argv, settings = _aime_run(tiny_model_dir, tmp_path)
     assert (settings.pop("answer_format"), settings.pop("dtype")) == ("boxed", "float32")
     text = _partial_with_one_problem(partial, settings)
     refused = [(["--answer_format", "boxed_or_last_number"], "answer_format: 'boxed' -> 'boxed_or_last_number'"),

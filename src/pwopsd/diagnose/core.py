@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pwopsd.evaluation.extract import extract_boxed_answer
+from pwopsd.evaluation.generate import vllm_installed  # one rule for both tools
 from pwopsd.io import DATASET_BUILDERS, UserError, first_line
 from pwopsd.losses import gkd_element_terms, gkd_token_loss
 
@@ -350,18 +350,6 @@ class VLLMBackend:
             reason = getattr(completion, "stop_reason", None)
             ids.append(int(reason) if isinstance(reason, int) else self.eos_ids[0])
         return cut_at_eos(ids, self.eos_ids)
-
-
-def vllm_installed() -> bool:
-    """Whether `import vllm` can work (without importing it: it is heavy and GPU-only)."""
-    import importlib.util
-
-    if "vllm" in sys.modules:
-        return sys.modules["vllm"] is not None
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def cuda_available() -> bool:

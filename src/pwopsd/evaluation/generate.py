@@ -33,7 +33,14 @@ def build_prompt(tokenizer: Any, problem: str, enable_thinking: bool) -> str:
 
 
 def vllm_installed() -> bool:
-    return "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
+    """Whether `import vllm` can work, without importing it (heavy, GPU-only); a `None` entry in `sys.modules`
+    (Python's "known absent") counts as not installed."""
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_backend(name: str) -> str:
