@@ -16,8 +16,11 @@ Settings, and why they differ from the launchers':
   every sample is unanswered, no branch is viable and no AUROC exists. The last number of the text stands in.
 * `--temperature 0.7` (not the launchers' 1.1, tuned for 1.5B-8B reasoning models): a 135M model sampled at 1.1 is
   mostly noise (rollouts drift off-topic after a few tokens), so spines and branches would be unviable for reasons
-  unrelated to the teacher. At 0.6-0.7 SmolLM2 solves about a third of the sums, so both labels occur and an AUROC is
-  defined. top-p 0.95 and top-k 20 are the launchers'.
+  unrelated to the teacher. At 0.6 with 96 tokens SmolLM2 solves about a third of the sums; here (0.7, 64-token
+  rollouts) 10 of 56 profile rollouts and 72 of 336 branches were right (bench/RESULTS.md), so both labels occur and
+  every AUROC is defined. top-p 0.95 and top-k 20 are the launchers'.
+* `--viability_bins` = `--prefixes` (4): the prefix positions sit at the centres of 4 equal u-bins, one per bin; the
+  profile keeps 20 bins (thousands of tokens).
 * 14 problems x 2 spines x 4 prefixes x 3 alternatives (up to 336 branches, 14 clusters for the bootstrap), 64-token
   spines and 48-token continuations (the answer of a bare sum comes within ~40 tokens), 4 profile rollouts per
   problem: sized to finish both commands in about 8 minutes on an idle 2-core CPU (see the timing note printed).
