@@ -18,15 +18,13 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from pwopsd.io import UserError, run_main
+from pwopsd.io import ArgumentParser, UserError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,14 +106,9 @@ def measure(model_dir: str, num_samples: int, val_n: int, max_new_tokens: int) -
     }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse prints the usage too: two lines
-        raise UserError(f"{message} (see --help)")
-
-
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
-        parser = OneLineParser(description=__doc__.split("\n\n")[0])
+        parser = ArgumentParser(description=__doc__.split("\n\n")[0])
         parser.add_argument("--model", required=True, help="local model folder (bench/gpu_model.py)")
         parser.add_argument("--num_samples", type=int, default=4, help="problems (the first N of MATH-500, 1-500)")
         parser.add_argument("--val_n", type=int, default=4, help="samples per problem")

@@ -15,14 +15,12 @@ The last line printed is one JSON object: parameters, build and save seconds, si
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from pwopsd.io import UserError, run_main
+from pwopsd.io import ArgumentParser, UserError, run_main
 
 DIMS = {
     # Qwen/Qwen3-4B config.json
@@ -105,14 +103,9 @@ def build(out: Path, size: str) -> dict:
     }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse prints the usage too: two lines
-        raise UserError(f"{message} (see --help)")
-
-
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
-        parser = OneLineParser(description=__doc__.split("\n\n")[0])
+        parser = ArgumentParser(description=__doc__.split("\n\n")[0])
         parser.add_argument("--out", required=True, type=Path, help="model folder to write (reused when complete)")
         parser.add_argument("--size", choices=sorted(DIMS), default="full")
         args = parser.parse_args(argv)

@@ -8,13 +8,14 @@ renamed into place, so a kill or a full disk leaves the previous version intact.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root: `outputs/`, `eval_results/` and the bundled `data/` are anchored here (editable install)."""
@@ -27,6 +28,21 @@ DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".
 
 class UserError(Exception):
     """Bad input: reported as one line, no traceback, exit status 2."""
+
+
+class OneLineErrors:
+    """Mixin for an argparse parser (argparse's own, or transformers' / TRL's subclasses): a parse error (unknown
+    flag, bad value, missing argument) raises `UserError(message + help_hint)` instead of printing the usage block and
+    exiting, so `run_main` reports it as the same one line as every other user error."""
+
+    help_hint = " (see --help)"
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}{self.help_hint}")
+
+
+class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one `UserError` line (`OneLineErrors`)."""
 
 
 def first_line(err: BaseException) -> str:

@@ -19,7 +19,6 @@ What the reference did not do, so that a merge can never destroy what the user o
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pwopsd.io import UserError, atomic_write_dir, first_line, run_main
+from pwopsd.io import ArgumentParser, UserError, atomic_write_dir, first_line, run_main
 
 logger = logging.getLogger("merge_lora")
 
@@ -217,11 +216,10 @@ def merge_lora(
 
 
 def main(argv: list[str] | None = None) -> int:
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # one line instead of the usage block
-            raise UserError(
-                f"{message} (usage: {PROG} BASE ADAPTER OUT [--dtype bfloat16] [--overwrite] [--strict_base])"
-            )
+    class _Parser(ArgumentParser):
+        """One-line errors that end with the short usage (three positional arguments are easy to misorder)."""
+
+        help_hint = f" (usage: {PROG} BASE ADAPTER OUT [--dtype bfloat16] [--overwrite] [--strict_base])"
 
     parser = _Parser(prog=PROG, description="Merge a LoRA adapter into its base model.")
     parser.add_argument("base", help="base model folder or Hub id")

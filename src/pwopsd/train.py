@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pwopsd.io import DATASET_BUILDERS, UserError, first_line, run_main
+from pwopsd.io import DATASET_BUILDERS, OneLineErrors, UserError, first_line, run_main
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 REQUIRED_COLUMNS = ("problem", "solution")
@@ -50,9 +50,8 @@ def _parser():
 
     from pwopsd.config import OPSDConfig
 
-    class _Parser(TrlParser):
-        def error(self, message: str):  # argparse would print the (very long) usage first
-            raise UserError(f"{message} (see --help)")
+    class _Parser(OneLineErrors, TrlParser):
+        """TRL's parser with one-line errors (its usage block is very long)."""
 
     return _Parser((_script_arguments_cls(), OPSDConfig, ModelConfig))
 

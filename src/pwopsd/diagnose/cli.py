@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pwopsd.evaluation.extract import ANSWER_FORMATS
-from pwopsd.io import UserError, atomic_write_json, run_main
+from pwopsd.io import ArgumentParser, UserError, atomic_write_json, run_main
 
 PROG = "diagnose.py"
 
@@ -39,15 +39,11 @@ BACKENDS = ("auto", "vllm", "transformers")
 _LEGACY = {"answer_format": "boxed", "backend": "transformers", "hf_batching": "length"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the usage first: one line instead
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.partition("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    common = _Parser(add_help=False)
+    parser = ArgumentParser(prog=PROG, description=__doc__.partition("\n\n")[0])
+    # the subcommands' parsers are one-line-error parsers too
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="model folder or Hub id (student and teacher)")
     common.add_argument("--data_file", required=True, help=".jsonl/.json/.parquet/.csv with problem, solution, answer")
     common.add_argument(

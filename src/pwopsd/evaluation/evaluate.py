@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 from pwopsd.device import DTYPE_CHOICES
 from pwopsd.evaluation.benchmarks import BENCHMARKS, Problem, load_benchmark
@@ -57,7 +57,7 @@ from pwopsd.evaluation.grade import GRADERS
 from pwopsd.evaluation.metrics import aggregate_metrics, pass_at_k_table
 from pwopsd.evaluation.vote import ProblemGrade
 from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MathGrader
-from pwopsd.io import UserError, atomic_write_json, first_line, run_main
+from pwopsd.io import OneLineErrors, UserError, atomic_write_json, first_line, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> EvalArguments:
     """Parse the command line; every argparse complaint (unknown flag, bad value, missing flag) is a UserError."""
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str) -> NoReturn:  # argparse would print the usage too: two lines
-            raise UserError(f"{message} (see --help)")
+    class Parser(OneLineErrors, HfArgumentParser):
+        """transformers' dataclass parser with one-line errors."""
 
     parser = Parser(EvalArguments, description=__doc__.split("\n\n")[0])
     args, unknown = parser.parse_args_into_dataclasses(

@@ -273,21 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     is an answer, wherever it stands; after `--` every argument is (for an answer spelled like an option, e.g.
     `-- --timeout 5`). A bad option or time limit is one line on stderr and exit status 2.
     """
-    import argparse
     import math
 
     # Imported here, not at the top: the worker pool is built on this module, and the rule itself needs no pool.
     from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MathGrader
-    from pwopsd.io import UserError, run_main
+    from pwopsd.io import ArgumentParser, UserError, run_main
 
     prog = "math_grader.py"
     valued = ("--grader", "--timeout")  # the options that take a value
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # argparse would print the usage first: one line instead
-            raise UserError(f"{message} (see --help)")
-
-    parser = Parser(
+    parser = ArgumentParser(
         prog=prog,
         usage="%(prog)s [-h] [--grader {reference,strict}] [--timeout S] [--] PREDICTION GOLD",
         description="Grade one prediction against one gold answer (prints True or False).",

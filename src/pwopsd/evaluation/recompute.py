@@ -34,7 +34,7 @@ from pwopsd.evaluation.grade import GRADERS
 from pwopsd.evaluation.metrics import pct
 from pwopsd.evaluation.vote import cluster_inputs
 from pwopsd.evaluation.workers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MathGrader
-from pwopsd.io import REPO_ROOT, UserError, atomic_write_json, first_line, run_main
+from pwopsd.io import REPO_ROOT, ArgumentParser, UserError, atomic_write_json, first_line, run_main
 
 PROG = "recompute_majn.py"
 DEFAULT_PATTERN = "eval_results/qwen3_4b_base_*.json"
@@ -175,11 +175,7 @@ def apply(saved: Saved, new_count: int, new_pct: float) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # argparse would print the usage first: one line instead
-            raise UserError(f"{message} (see --help)")
-
-    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "pattern", nargs="?", default=DEFAULT_PATTERN, help=f"glob of result files (default {DEFAULT_PATTERN})"
     )

@@ -35,12 +35,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pwopsd.evaluation import plots, stats
 from pwopsd.evaluation.benchmarks import BENCHMARKS
 from pwopsd.evaluation.generate import SAMPLE_SEED_RULES
-from pwopsd.io import UserError, atomic_write_text, run_main
+from pwopsd.io import ArgumentParser, UserError, atomic_write_text, run_main
 from pwopsd.losses import METHODS as LOSS_METHODS
 
 logger = logging.getLogger(__name__)
@@ -511,11 +511,10 @@ def select_checkpoints(points: list[dict[str, Any]], dataset: str) -> dict[str, 
 # --- command line ----------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one `UserError` line (no usage block)."""
+class _Parser(ArgumentParser):
+    """One-line errors (`pwopsd.io.ArgumentParser`), worded "…; see --help" as this tool always has."""
 
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; see --help")
+    help_hint = "; see --help"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
